@@ -1,0 +1,170 @@
+"""Errors, named by what the caller does about them.
+
+::
+
+    ApiOneError
+    ├── ConfigurationError        fix the configuration; raised before any API call
+    ├── RetryableError            retry later with backoff (the client already did)
+    │   ├── RateLimitedError      429 rate_limited
+    │   ├── ServerError           500 / 503
+    │   └── TransportError        connect error, read timeout on a read
+    ├── WaitForCapacityError      429 concurrent_job_limit: wait for a job slot
+    ├── ShrinkBatchError          413 too_many_records: resend at most ``limit`` records
+    ├── NotReadyError             409 job_not_completed: poll again later
+    ├── ResultsExpiredError       410 results_expired: resubmit the records (costs credits)
+    ├── JobNotFoundError          404: forget the job id (or resubmit its records)
+    ├── SubmitOutcomeUnknownError a submit got no clear answer: record it, it may be billed
+    ├── MalformedResponseError    a body broke the contract: keep the job, report it
+    ├── BadRequestError           400: fix the request, do not retry
+    └── StopRunError              stop the run, nothing will succeed until a human acts
+        ├── AuthenticationError   401: set a valid API key
+        └── InsufficientCreditsError  402: top up credits
+
+No error message or repr ever contains the API key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiOneError(Exception):
+    """Root of every error raised by apione_source.
+
+    Attributes:
+        status_code: HTTP status of the answer, when there was one.
+        code: ApiOne's ``error.code``, when there was one.
+        job_id: The job concerned, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, status_code={self.status_code})"
+
+
+class ConfigurationError(ApiOneError, ValueError):
+    """The source is misconfigured; the message says what to fix."""
+
+
+class RetryableError(ApiOneError):
+    """A transient failure; retrying later with backoff may succeed.
+
+    Attributes:
+        retry_after: Seconds the server asked to wait (``Retry-After``), if any.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(RetryableError):
+    """429 ``rate_limited``."""
+
+
+class ServerError(RetryableError):
+    """500 ``internal_error`` or 503 ``service_unavailable``."""
+
+
+class TransportError(RetryableError):
+    """No usable answer: connection failed, or a read timed out."""
+
+
+class WaitForCapacityError(ApiOneError):
+    """429 ``concurrent_job_limit``: too many jobs queued or processing.
+
+    Attributes:
+        retry_after: Seconds the server suggested to wait.
+        limit: The plan's concurrent-job limit, when the server said.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, limit: int | None = None, **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+        self.limit = limit
+
+
+class ShrinkBatchError(ApiOneError):
+    """413 ``too_many_records``: the batch exceeds the plan's records per job.
+
+    Attributes:
+        limit: The plan's maximum records per job.
+    """
+
+    def __init__(self, message: str, *, limit: int | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.limit = limit
+
+
+class NotReadyError(ApiOneError):
+    """409 ``job_not_completed``: results were asked for too early."""
+
+
+class ResultsExpiredError(ApiOneError):
+    """410 ``results_expired``: results were deleted after the plan's retention."""
+
+
+class JobNotFoundError(ApiOneError):
+    """404 ``job_not_found``."""
+
+
+class SubmitOutcomeUnknownError(ApiOneError):
+    """A submit was sent but no clear answer came back (read timeout, 5xx).
+
+    The server may have created, and billed, the job. The caller records this and
+    decides whether to resubmit; the client never retries it blindly.
+
+    Attributes:
+        enrichment_type: The type that was sent.
+        records: The records that were sent.
+    """
+
+    def __init__(
+        self, message: str, *, enrichment_type: str, records: list[dict[str, Any]], **kw: Any
+    ) -> None:
+        super().__init__(message, **kw)
+        self.enrichment_type = enrichment_type
+        self.records = records
+
+
+class MalformedResponseError(ApiOneError):
+    """An answer broke the contract (missing field, wrong type, not JSON).
+
+    Attributes:
+        fields: The offending field paths, when known.
+    """
+
+    def __init__(self, message: str, *, fields: list[str] | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.fields = fields or []
+
+
+class BadRequestError(ApiOneError):
+    """400 ``invalid_request``: the request itself is wrong; do not retry."""
+
+
+class StopRunError(ApiOneError):
+    """Nothing will succeed until a human acts; stop the run, keep what was collected."""
+
+
+class AuthenticationError(StopRunError):
+    """401 ``invalid_api_key``."""
+
+
+class InsufficientCreditsError(StopRunError):
+    """402 ``insufficient_credits``."""
