@@ -1,0 +1,326 @@
+"""Packs records into ApiOne jobs within the plan's limits and polls them to completion.
+
+One :class:`JobScheduler` serves one run. It never has more jobs in flight than the plan
+allows (a semaphore, plus waiting out 429 ``concurrent_job_limit`` when another process
+shares the key), shrinks batches on 413, polls every job concurrently through the async
+client (first look at about the server's estimate, then capped exponential backoff with
+jitter), and stops at the run's wait budget: jobs still running then are left to the next
+run, which finds them in the journal. Every submit goes through the journal first, see
+:mod:`apione_source.journal`.
+
+Clock, sleep and randomness are injected so the hard cases are testable without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from apione_source.client import AsyncApiOneClient
+from apione_source.errors import (
+    JobNotFoundError,
+    MalformedResponseError,
+    NotReadyError,
+    ResultsExpiredError,
+    RetryableError,
+    ShrinkBatchError,
+    SubmitOutcomeUnknownError,
+    WaitForCapacityError,
+)
+from apione_source.journal import BatchItem, Journal, JournalJob
+from apione_source.models import Job, JobResults, JobStatus
+
+logger = logging.getLogger(__name__)
+
+# Finished.kind values
+COMPLETED = "completed"
+FAILED = "failed"
+EXPIRED = "expired"
+TIMED_OUT = "timed_out"
+VANISHED = "not_found"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Limits and timing of one run.
+
+    Attributes:
+        records_per_job: Most records in one job (the plan's, or lower).
+        concurrent_jobs: Most jobs queued or processing at once.
+        wait_budget_seconds: How long the run may wait for jobs; the rest carry over.
+        job_timeout_seconds: A job older than this is given up and its records resubmitted.
+        poll_min_seconds: Shortest pause between two looks at one job.
+        poll_max_seconds: Longest pause between two looks at one job.
+        webhook_url: Passed to ApiOne with every submit, if set.
+    """
+
+    records_per_job: int
+    concurrent_jobs: int
+    wait_budget_seconds: float
+    job_timeout_seconds: float = 6 * 3600
+    poll_min_seconds: float = 0.05
+    poll_max_seconds: float = 60.0
+    webhook_url: str | None = None
+
+
+@dataclass
+class Finished:
+    """A job that reached an end this run.
+
+    Attributes:
+        job: The journal's record of the job.
+        kind: completed, failed, expired, timed_out or not_found.
+        results: The results, when completed.
+        status: The last status seen, when any.
+        error: Why it did not complete, when it did not.
+    """
+
+    job: JournalJob
+    kind: str
+    results: JobResults | None = None
+    status: Job | None = None
+    error: str | None = None
+
+
+@dataclass
+class LostAnswer:
+    """A submit that may have created a job we will never hear of (counted, resubmitted)."""
+
+    intent_id: str
+    items: list[BatchItem]
+    error: str
+
+
+@dataclass
+class _Counters:
+    submitted_jobs: int = 0
+    submitted_records: int = 0
+    lost_answers: int = 0
+    capacity_waits: int = 0
+    carried_over: int = 0
+
+
+@dataclass
+class JobScheduler:
+    """Submits batches and polls jobs for one run. Use as an async context manager."""
+
+    client: AsyncApiOneClient
+    journal: Journal
+    enrichment_type: str
+    settings: SchedulerSettings
+    run_id: str
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.deadline = self.clock() + self.settings.wait_budget_seconds
+        self.records_per_job = self.settings.records_per_job
+        self.finished: asyncio.Queue[Finished] = asyncio.Queue()
+        self.lost: list[LostAnswer] = []
+        self.counters = _Counters()
+        self._slots = asyncio.Semaphore(self.settings.concurrent_jobs)
+        self._pollers: dict[str, asyncio.Task[None]] = {}
+        # key -> item of every job being polled, so a late duplicate row joins its job
+        self.in_flight_items: dict[str, BatchItem] = {}
+
+    async def __aenter__(self) -> JobScheduler:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._pollers.values():
+            task.cancel()
+        await asyncio.gather(*self._pollers.values(), return_exceptions=True)
+
+    # --- budget ------------------------------------------------------------------------
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left of the wait budget."""
+        return self.deadline - self.clock()
+
+    @property
+    def in_flight(self) -> list[str]:
+        """Ids of jobs still being polled."""
+        return [j for j, t in self._pollers.items() if not t.done()]
+
+    # --- submitting ----------------------------------------------------------------------
+
+    async def submit(self, items: list[BatchItem]) -> bool:
+        """Submit ``items`` as one or more jobs, waiting for free slots.
+
+        Returns:
+            False if the wait budget ran out before everything was submitted; the items
+            not sent are simply not submitted (the next run finds them again).
+        """
+        queue = [items[i : i + self.records_per_job] for i in range(0, len(items), self.records_per_job)]
+        while queue:
+            batch = queue.pop(0)
+            if len(batch) > self.records_per_job:  # the limit shrank under us (413)
+                queue[:0] = [
+                    batch[i : i + self.records_per_job]
+                    for i in range(0, len(batch), self.records_per_job)
+                ]
+                continue
+            if not await self._acquire_slot():
+                return False
+            outcome = await self._submit_one(batch)
+            if outcome == "sent":
+                continue
+            self._slots.release()
+            if outcome == "shrink":
+                queue.insert(0, batch)
+            elif outcome == "wait":
+                if not await self._wait(self._capacity_wait):
+                    return False
+                queue.insert(0, batch)
+            elif outcome == "lost":
+                queue.insert(0, batch)  # resubmitted: the one accepted double payment
+        return True
+
+    async def _acquire_slot(self) -> bool:
+        remaining = self.remaining
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=remaining)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _wait(self, seconds: float) -> bool:
+        if seconds >= self.remaining:
+            return False
+        await self.sleep(seconds)
+        return True
+
+    async def _submit_one(self, batch: list[BatchItem]) -> str:
+        attempt = max(i.attempt for i in batch)
+        intent = self.journal.begin_submit(self.enrichment_type, attempt, batch, self.wall_clock())
+        try:
+            answer = await self.client.submit_job(
+                self.enrichment_type, [i.record for i in batch], self.settings.webhook_url
+            )
+        except ShrinkBatchError as exc:
+            self.journal.abandon(intent)
+            limit = exc.limit or max(1, len(batch) // 2)
+            logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
+            self.records_per_job = min(self.records_per_job, limit)
+            return "shrink"
+        except WaitForCapacityError as exc:
+            self.journal.abandon(intent)
+            self.counters.capacity_waits += 1
+            self._capacity_wait = exc.retry_after or 1.0
+            return "wait"
+        except SubmitOutcomeUnknownError as exc:
+            # The job may exist and be billed; the intent stays in the journal until the
+            # ledger row that reports it is loaded.
+            self.counters.lost_answers += 1
+            self.lost.append(LostAnswer(intent, batch, str(exc)))
+            logger.warning("submit outcome unknown, resubmitting %d records: %s", len(batch), exc)
+            return "lost"
+        except BaseException:
+            # Anything else was answered by the server (4xx) or never sent: no job exists.
+            self.journal.abandon(intent)
+            raise
+        job = self.journal.submitted(intent, answer.job_id, self.run_id, self.wall_clock())
+        self.counters.submitted_jobs += 1
+        self.counters.submitted_records += len(batch)
+        self._start_polling(job, first_look=float(answer.estimated_completion_seconds))
+        return "sent"
+
+    _capacity_wait: float = 1.0
+
+    # --- polling ---------------------------------------------------------------------------
+
+    def track(self, job: JournalJob) -> None:
+        """Poll a job submitted by an earlier run; it occupies a slot until it ends."""
+        if self._slots.locked():
+            logger.warning("more carried-over jobs than the plan's concurrency; polling all")
+        else:
+            # Semaphore.acquire() cannot block here: a free slot exists.
+            self._slots._value -= 1
+        self._start_polling(job, first_look=0.0)
+
+    def _start_polling(self, job: JournalJob, first_look: float) -> None:
+        for item in job.items or ():
+            self.in_flight_items[item.key] = item
+        self._pollers[job.job_id] = asyncio.create_task(self._poll(job, first_look))
+
+    def _backoff(self, looks: int) -> float:
+        base = self.settings.poll_min_seconds * (2**looks)
+        capped = min(self.settings.poll_max_seconds, max(self.settings.poll_min_seconds, base))
+        return capped * self.rng.uniform(0.8, 1.2)
+
+    async def _poll(self, job: JournalJob, first_look: float) -> None:
+        delay, looks = first_look, 0
+        while True:
+            if delay >= self.remaining:
+                self.counters.carried_over += 1
+                return  # not our slot to free: the job still runs on the server
+            if delay > 0:
+                await self.sleep(delay)
+            looks += 1
+            delay = self._backoff(looks)
+            try:
+                end = await self._look(job)
+            except RetryableError as exc:
+                logger.info("job %s: status unavailable (%s); looking again later", job.job_id, exc)
+                continue
+            except MalformedResponseError as exc:
+                # Keep the job for the next run; a human should see this.
+                logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
+                self.counters.carried_over += 1
+                return
+            if end is not None:
+                self._slots.release()
+                for item in job.items or ():
+                    self.in_flight_items.pop(item.key, None)
+                await self.finished.put(end)
+                return
+
+    async def _look(self, job: JournalJob) -> Finished | None:
+        try:
+            status = await self.client.get_job(job.job_id)
+        except JobNotFoundError as exc:
+            return Finished(job, VANISHED, error=str(exc))
+        if status.status is JobStatus.FAILED:
+            reason = status.error.message if status.error else "failed"
+            return Finished(job, FAILED, status=status, error=reason)
+        if status.status is JobStatus.COMPLETED:
+            try:
+                results = await self.client.get_results(job.job_id)
+            except NotReadyError:
+                return None
+            except ResultsExpiredError as exc:
+                return Finished(job, EXPIRED, status=status, error=str(exc))
+            return Finished(job, COMPLETED, results=results, status=status)
+        if self.wall_clock() - job.submitted_at > self.settings.job_timeout_seconds:
+            return Finished(job, TIMED_OUT, status=status, error="job did not finish in time")
+        return None
+
+    async def next_finished(self) -> Finished | None:
+        """Wait for the next finished job; None once nothing more can finish this run."""
+        while True:
+            if not self.finished.empty():
+                return self.finished.get_nowait()
+            if not self.in_flight:
+                return None
+            getter = asyncio.ensure_future(self.finished.get())
+            pollers = set(self._pollers.values())
+            done, _ = await asyncio.wait({getter, *pollers}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                return getter.result()
+            getter.cancel()
+
+    def drain_ready(self) -> list[Finished]:
+        """Finished jobs already waiting, without blocking."""
+        ready = []
+        while not self.finished.empty():
+            ready.append(self.finished.get_nowait())
+        return ready

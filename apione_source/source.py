@@ -1,0 +1,221 @@
+"""The dlt source: config resolution, validation, and the resource with its table hints.
+
+Every argument of :func:`apione` resolves the dlt way, from ``.dlt/config.toml``,
+``.dlt/secrets.toml`` or environment variables, under ``[sources.apione]``
+(env: ``SOURCES__APIONE__<ARG>``). See the README for every key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import dlt
+from dlt.common.destination import Destination
+from dlt.common.destination.reference import TDestinationReferenceArg
+from dlt.extract.resource import DltResource
+
+from apione_source.client import AsyncApiOneClient
+from apione_source.errors import ConfigurationError
+from apione_source.models import EnrichmentType
+from apione_source.reader import InputReader, InputSpec
+from apione_source.run import EnrichmentRun, RunSettings
+from apione_source.scheduler import SchedulerSettings
+from apione_source.settings import DEFAULT_BASE_URL, MAX_RECORDS_PER_JOB, get_plan
+from apione_source.tables import (
+    JOB_COLUMNS,
+    OUTCOME_COLUMNS,
+    REJECTED_COLUMNS,
+    TableNames,
+    enrichment_columns,
+)
+
+#: ApiOne input field -> input column, when ``input_columns`` is not configured.
+DEFAULT_INPUT_COLUMNS: dict[EnrichmentType, dict[str, str]] = {
+    EnrichmentType.COMPANY: {"domain": "domain"},
+    EnrichmentType.EMAIL: {"email": "email"},
+    EnrichmentType.PEOPLE: {
+        "email": "email",
+        "linkedin_url": "linkedin_url",
+        "first_name": "first_name",
+        "last_name": "last_name",
+        "domain": "domain",
+    },
+}
+_REQUIRED_FIELDS: dict[EnrichmentType, Sequence[set[str]]] = {
+    EnrichmentType.COMPANY: [{"domain"}],
+    EnrichmentType.EMAIL: [{"email"}],
+    EnrichmentType.PEOPLE: [{"email"}, {"linkedin_url"}, {"first_name", "last_name", "domain"}],
+}
+
+
+def _enrichment_type(value: str) -> EnrichmentType:
+    try:
+        return EnrichmentType(str(value).strip().lower())
+    except ValueError:
+        raise ConfigurationError(
+            f"unknown enrichment_type {value!r}: set sources.apione.enrichment_type to one of "
+            f"{', '.join(t.value for t in EnrichmentType)}"
+        ) from None
+
+
+def _input_columns(etype: EnrichmentType, configured: dict[str, str] | None) -> dict[str, str]:
+    columns = dict(configured or DEFAULT_INPUT_COLUMNS[etype])
+    allowed = set(DEFAULT_INPUT_COLUMNS[etype])
+    unknown = sorted(set(columns) - allowed)
+    if unknown:
+        raise ConfigurationError(
+            f"sources.apione.input_columns maps unknown ApiOne field(s) {', '.join(unknown)} "
+            f"for {etype.value}: allowed {', '.join(sorted(allowed))}"
+        )
+    if not any(req <= set(columns) for req in _REQUIRED_FIELDS[etype]):
+        options = " or ".join("+".join(sorted(r)) for r in _REQUIRED_FIELDS[etype])
+        raise ConfigurationError(
+            f"sources.apione.input_columns must map {options} for {etype.value} enrichment"
+        )
+    return columns
+
+
+@dlt.source(name="apione", section="apione", max_table_nesting=2)
+def apione(
+    api_key: str = dlt.secrets.value,
+    enrichment_type: str = dlt.config.value,
+    input_table: str = dlt.config.value,
+    primary_key: str = dlt.config.value,
+    input_columns: dict[str, str] | None = None,
+    input_dataset: str = "main",
+    input_destination: TDestinationReferenceArg = "duckdb",
+    input_credentials: Any = None,
+    cursor_column: str | None = None,
+    base_url: str = DEFAULT_BASE_URL,
+    plan: str = "growth",
+    records_per_job: int | None = None,
+    concurrent_jobs: int | None = None,
+    retention_seconds: int | None = None,
+    ttl_matched_days: float = 90.0,
+    ttl_not_found_days: float = 14.0,
+    max_records_per_run: int | None = None,
+    wait_budget_seconds: float = 900.0,
+    job_timeout_seconds: float = 6 * 3600.0,
+    max_attempts: int = 3,
+    webhook_url: str | None = None,
+    table_prefix: str = "apione_",
+    scd2: bool = False,
+    chunk_size: int = 10_000,
+) -> DltResource:
+    """Enrich the rows of a warehouse table with ApiOne and load the results.
+
+    Args:
+        api_key: ApiOne API key (a secret: ``[sources.apione] api_key`` in secrets.toml).
+        enrichment_type: ``company``, ``people`` or ``email``.
+        input_table: Table holding the rows to enrich.
+        primary_key: Column identifying an input row.
+        input_columns: ApiOne input field -> column (defaults: same names).
+        input_dataset: Dataset / schema of the input table.
+        input_destination: dlt destination type (or instance) holding the input table.
+        input_credentials: Credentials of the input warehouse (default: that
+            destination's own config, ``destination.<type>.credentials``).
+        cursor_column: Optional column that grows when a row is added or changed; without
+            it every run scans the table (only keys without a fresh outcome are sent).
+        base_url: ApiOne API base URL.
+        plan: ApiOne plan: free, starter, growth or scale (sets the limits below).
+        records_per_job: Override of the plan's records per job.
+        concurrent_jobs: Override of the plan's concurrent jobs.
+        retention_seconds: Override of the plan's result retention.
+        ttl_matched_days: Days a matched (or invalid) result stays fresh.
+        ttl_not_found_days: Days a not_found (or error) result stays fresh.
+        max_records_per_run: Cap on records submitted per run (None: no cap).
+        wait_budget_seconds: How long a run waits for jobs; the rest carry over.
+        job_timeout_seconds: A job running longer is given up and its records resubmitted.
+        max_attempts: Attempts per record (failed / expired jobs) before an ``error``.
+        webhook_url: Passed to ApiOne with every job (polling is still what collects).
+        table_prefix: Prefix of every table name.
+        scd2: Keep the enrichment table's history with dlt's scd2 merge strategy.
+        chunk_size: Input rows read per query round trip.
+
+    Returns:
+        The ``enrichment`` resource, which loads the tables listed in ``tables.py``.
+
+    Raises:
+        ConfigurationError: Before any API call, when a setting is wrong.
+    """
+    if not api_key or not str(api_key).strip():
+        raise ConfigurationError(
+            "sources.apione.api_key is empty: set it in .dlt/secrets.toml or SOURCES__APIONE__API_KEY"
+        )
+    etype = _enrichment_type(enrichment_type)
+    the_plan = get_plan(plan)
+    per_job = records_per_job or the_plan.records_per_job
+    if not 1 <= per_job <= MAX_RECORDS_PER_JOB:
+        raise ConfigurationError(f"records_per_job must be 1..{MAX_RECORDS_PER_JOB}, got {per_job}")
+    slots = concurrent_jobs or the_plan.concurrent_jobs
+    if slots < 1 or max_attempts < 1 or wait_budget_seconds < 0:
+        raise ConfigurationError("concurrent_jobs and max_attempts must be >= 1, wait_budget_seconds >= 0")
+    names = TableNames(table_prefix, etype)
+    destination = input_destination
+    if input_credentials is not None and isinstance(input_destination, str):
+        destination = Destination.from_reference(input_destination, credentials=input_credentials)
+    reader = InputReader(
+        InputSpec(
+            destination=destination,
+            dataset=input_dataset,
+            table=input_table,
+            primary_key=primary_key,
+            columns=_input_columns(etype, input_columns),
+            cursor_column=cursor_column,
+        ),
+        chunk_size=chunk_size,
+    )
+    reader.check()
+    retention = retention_seconds or the_plan.retention_seconds
+    settings = RunSettings(
+        enrichment_type=etype,
+        names=names,
+        scheduler=SchedulerSettings(
+            records_per_job=per_job,
+            concurrent_jobs=slots,
+            wait_budget_seconds=wait_budget_seconds,
+            # never wait so long that results could be deleted before we look
+            job_timeout_seconds=min(job_timeout_seconds, retention / 2),
+            webhook_url=webhook_url,
+        ),
+        ttl_matched=timedelta(days=ttl_matched_days),
+        ttl_not_found=timedelta(days=ttl_not_found_days),
+        max_records_per_run=max_records_per_run,
+        max_attempts=max_attempts,
+    )
+
+    def enrichment() -> Any:
+        client = AsyncApiOneClient(api_key, base_url, max_connections=slots + 4)
+        yield from EnrichmentRun(settings, client, reader)
+
+    resource = dlt.resource(enrichment, name="enrichment", write_disposition="append")
+    _apply_table_hints(resource, names, etype, scd2)
+    return resource
+
+
+def _apply_table_hints(
+    resource: DltResource, names: TableNames, etype: EnrichmentType, scd2: bool
+) -> None:
+    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
+    enrichment_disposition: Any = (
+        {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
+        if scd2
+        else merge
+    )
+    variants: list[tuple[str, Any, Any, Any]] = [
+        (names.enrichment, enrichment_disposition, enrichment_columns(etype), "key"),
+        (names.jobs, merge, JOB_COLUMNS, "job_id"),
+        (names.outcomes, merge, OUTCOME_COLUMNS, "outcome_id"),
+        (names.rejected, merge, REJECTED_COLUMNS, "input_pk"),
+    ]
+    for table, disposition, columns, key in variants:
+        resource.apply_hints(
+            table_name=table,
+            write_disposition=disposition,
+            columns=columns,
+            primary_key=None if scd2 and table == names.enrichment else key,
+            merge_key=key if scd2 and table == names.enrichment else None,
+            create_table_variant=True,
+        )

@@ -1,0 +1,141 @@
+"""The tables apione-dlt loads: names, dlt hints, and the rows that go into them.
+
+=====================  =========================  ========================================
+table                  merge key                  one row per
+=====================  =========================  ========================================
+``<p>companies``       ``key``                    enriched company (normalized domain)
+``<p>people``          ``key``                    enriched person (see normalize.py keys)
+``<p>email_checks``    ``key``                    verified email address
+``<p>jobs``            ``job_id``                 ApiOne job (the job ledger)
+``<p>outcomes``        ``outcome_id``             input row per attempt (job)
+``<p>rejected_inputs`` ``input_pk``               input row that could not be sent
+=====================  =========================  ========================================
+
+``<p>`` is the configurable prefix (default ``apione_``). Nested lists of the enrichment
+(tags, technologies, employment history) become dlt child tables, e.g.
+``apione_companies__tags``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from dlt.common.libs.pydantic import pydantic_to_table_schema_columns
+from dlt.common.schema.typing import TTableSchemaColumns
+
+from apione_source.models import PAYLOAD_MODELS, EnrichmentType, RecordResult
+
+ENRICHMENT_TABLES = {
+    EnrichmentType.COMPANY: "companies",
+    EnrichmentType.PEOPLE: "people",
+    EnrichmentType.EMAIL: "email_checks",
+}
+
+# Outcome statuses. The first four come from ApiOne; the rest are ours.
+FINAL_STATUSES = ("matched", "not_found", "invalid", "error")
+RETRY_STATUSES = ("failed", "expired", "timed_out", "lost")
+
+
+class TableNames:
+    """Names of the tables for one prefix and enrichment type."""
+
+    def __init__(self, prefix: str, enrichment_type: EnrichmentType) -> None:
+        """Build the names from ``prefix`` (e.g. ``apione_``)."""
+        self.enrichment = f"{prefix}{ENRICHMENT_TABLES[enrichment_type]}"
+        self.jobs = f"{prefix}jobs"
+        self.outcomes = f"{prefix}outcomes"
+        self.rejected = f"{prefix}rejected_inputs"
+
+
+def utc_from_timestamp(ts: float) -> datetime:
+    """A timezone-aware UTC datetime from a unix timestamp."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _ts_column(name: str, nullable: bool = True) -> dict[str, Any]:
+    return {"name": name, "data_type": "timestamp", "nullable": nullable}
+
+
+def enrichment_columns(enrichment_type: EnrichmentType) -> TTableSchemaColumns:
+    """Typed columns of an enrichment table, from the pydantic payload model.
+
+    Nested objects and lists are left out on purpose: typed as ``json`` they would land
+    as JSON blobs, while left to dlt they become flat columns (``location__city``) and
+    child tables (``<table>__tags``) that dbt can join without JSON functions.
+    """
+    columns = {
+        name: col
+        for name, col in pydantic_to_table_schema_columns(PAYLOAD_MODELS[enrichment_type]).items()
+        if col.get("data_type") != "json"
+    }
+    columns.update(
+        {
+            "key": {"name": "key", "data_type": "text", "nullable": False},
+            "job_id": {"name": "job_id", "data_type": "text", "nullable": False},
+            "enriched_at": _ts_column("enriched_at", nullable=False),
+            "data_hash": {"name": "data_hash", "data_type": "text"},
+        }
+    )
+    return columns  # type: ignore[return-value]
+
+
+JOB_COLUMNS: TTableSchemaColumns = {
+    "job_id": {"name": "job_id", "data_type": "text", "nullable": False},
+    "type": {"name": "type", "data_type": "text"},
+    "status": {"name": "status", "data_type": "text"},
+    "record_count": {"name": "record_count", "data_type": "bigint"},
+    "attempt": {"name": "attempt", "data_type": "bigint"},
+    "submitted_at": _ts_column("submitted_at"),  # type: ignore[typeddict-item]
+    "completed_at": _ts_column("completed_at"),  # type: ignore[typeddict-item]
+    "expires_at": _ts_column("expires_at"),  # type: ignore[typeddict-item]
+    "error": {"name": "error", "data_type": "text"},
+    "submitted_in_load": {"name": "submitted_in_load", "data_type": "text"},
+    "updated_in_load": {"name": "updated_in_load", "data_type": "text"},
+    "matched": {"name": "matched", "data_type": "bigint"},
+    "not_found": {"name": "not_found", "data_type": "bigint"},
+    "invalid": {"name": "invalid", "data_type": "bigint"},
+    "errors": {"name": "errors", "data_type": "bigint"},
+}
+
+OUTCOME_COLUMNS: TTableSchemaColumns = {
+    "outcome_id": {"name": "outcome_id", "data_type": "text", "nullable": False},
+    "input_pk": {"name": "input_pk", "data_type": "text"},
+    "key": {"name": "key", "data_type": "text", "nullable": False},
+    "job_id": {"name": "job_id", "data_type": "text"},
+    "attempt": {"name": "attempt", "data_type": "bigint"},
+    "status": {"name": "status", "data_type": "text", "nullable": False},
+    "error": {"name": "error", "data_type": "text"},
+    "input": {"name": "input", "data_type": "json"},
+    "finished_at": _ts_column("finished_at", nullable=False),  # type: ignore[typeddict-item]
+    "load_id": {"name": "load_id", "data_type": "text"},
+}
+
+REJECTED_COLUMNS: TTableSchemaColumns = {
+    "input_pk": {"name": "input_pk", "data_type": "text", "nullable": False},
+    "reason": {"name": "reason", "data_type": "text", "nullable": False},
+    "detail": {"name": "detail", "data_type": "text"},
+    "rejected_at": _ts_column("rejected_at", nullable=False),  # type: ignore[typeddict-item]
+    "load_id": {"name": "load_id", "data_type": "text"},
+}
+
+
+def outcome_id(job_id: str | None, input_pk: str | None, key: str) -> str:
+    """Stable id of one outcome row, so a re-fetched job merges instead of duplicating."""
+    raw = f"{job_id or ''}\x1f{input_pk if input_pk is not None else ''}\x1f{key}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+def enrichment_row(
+    key: str, job_id: str, enriched_at: datetime, result: RecordResult
+) -> dict[str, Any]:
+    """The enrichment-table row of one matched result."""
+    data = dict(result.data or {})
+    # Hash the payload without its own timestamp, so SCD2 opens a new version only
+    # when the enrichment really changed.
+    stable = {k: v for k, v in data.items() if k != "updated_at"}
+    data_hash = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
+    data.update(key=key, job_id=job_id, enriched_at=enriched_at, data_hash=data_hash)
+    return data
