@@ -16,6 +16,7 @@
     ├── SubmitOutcomeUnknownError a submit got no clear answer: record it, it may be billed
     ├── MalformedResponseError    a body broke the contract: keep the job, report it
     ├── BadRequestError           400: fix the request, do not retry
+    ├── WebhookSignatureError     a webhook delivery's signature is bad or too old: reject it
     └── StopRunError              stop the run, nothing will succeed until a human acts
         ├── AuthenticationError   401: set a valid API key
         └── InsufficientCreditsError  402: top up credits
@@ -168,3 +169,10 @@ class AuthenticationError(StopRunError):
 
 class InsufficientCreditsError(StopRunError):
     """402 ``insufficient_credits``."""
+
+
+class WebhookSignatureError(ApiOneError):
+    """A webhook delivery's ``X-ApiOne-Signature`` is missing, malformed, wrong or too old.
+
+    The receiver rejects the delivery (answer non-2xx); ApiOne retries genuine ones.
+    """

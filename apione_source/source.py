@@ -219,3 +219,22 @@ def _apply_table_hints(
             merge_key=key if scd2 and table == names.enrichment else None,
             create_table_variant=True,
         )
+
+
+def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> Any:
+    """Run ``source`` after finishing whatever an interrupted run left behind.
+
+    ``pipeline.run`` loads pending packages *instead of* extracting when a previous run
+    died after extract; calling it once more makes one scheduled run do both.
+
+    Args:
+        pipeline: The pipeline (keep its working dir persistent between runs).
+        source: Usually ``apione()``.
+        **run_kwargs: Passed to ``pipeline.run``.
+
+    Returns:
+        The ``LoadInfo`` of the run that extracted ``source``.
+    """
+    if pipeline.has_pending_data:
+        pipeline.run()
+    return pipeline.run(source, **run_kwargs)

@@ -3,15 +3,15 @@
 =====================  =========================  ========================================
 table                  merge key                  one row per
 =====================  =========================  ========================================
-``<p>companies``       ``key``                    enriched company (normalized domain)
-``<p>people``          ``key``                    enriched person (see normalize.py keys)
-``<p>email_checks``    ``key``                    verified email address
-``<p>jobs``            ``job_id``                 ApiOne job (the job ledger)
-``<p>outcomes``        ``outcome_id``             input row per attempt (job)
-``<p>rejected_inputs`` ``input_pk``               input row that could not be sent
+``<p><t>``             ``key``                    enriched key: company, person or email
+``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
+``<p><t>_rejected``    ``input_pk``               input row that could not be sent
+``<p>jobs``            ``job_id``                 ApiOne job (the job ledger, all types)
 =====================  =========================  ========================================
 
-``<p>`` is the configurable prefix (default ``apione_``). Nested lists of the enrichment
+``<p>`` is the configurable prefix (default ``apione_``) and ``<t>`` is ``companies``,
+``people`` or ``email_checks``: outcomes and rejections are per type because the input
+tables' primary keys of different types may collide. Nested lists of the enrichment
 (tags, technologies, employment history) become dlt child tables, e.g.
 ``apione_companies__tags``.
 """
@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
 
 from dlt.common.libs.pydantic import pydantic_to_table_schema_columns
 from dlt.common.schema.typing import TTableSchemaColumns
@@ -46,8 +48,8 @@ class TableNames:
         """Build the names from ``prefix`` (e.g. ``apione_``)."""
         self.enrichment = f"{prefix}{ENRICHMENT_TABLES[enrichment_type]}"
         self.jobs = f"{prefix}jobs"
-        self.outcomes = f"{prefix}outcomes"
-        self.rejected = f"{prefix}rejected_inputs"
+        self.outcomes = f"{self.enrichment}_outcomes"
+        self.rejected = f"{self.enrichment}_rejected"
 
 
 def utc_from_timestamp(ts: float) -> datetime:
@@ -59,6 +61,16 @@ def _ts_column(name: str, nullable: bool = True) -> dict[str, Any]:
     return {"name": name, "data_type": "timestamp", "nullable": nullable}
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``Model | None``, if that is what ``annotation`` is."""
+    if get_origin(annotation) is list:
+        return None  # lists become child tables, not columns
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def enrichment_columns(enrichment_type: EnrichmentType) -> TTableSchemaColumns:
     """Typed columns of an enrichment table, from the pydantic payload model.
 
@@ -66,11 +78,17 @@ def enrichment_columns(enrichment_type: EnrichmentType) -> TTableSchemaColumns:
     as JSON blobs, while left to dlt they become flat columns (``location__city``) and
     child tables (``<table>__tags``) that dbt can join without JSON functions.
     """
-    columns = {
-        name: col
-        for name, col in pydantic_to_table_schema_columns(PAYLOAD_MODELS[enrichment_type]).items()
-        if col.get("data_type") != "json"
-    }
+    model = PAYLOAD_MODELS[enrichment_type]
+    columns: dict[str, Any] = {}
+    for name, col in pydantic_to_table_schema_columns(model).items():
+        nested = _nested_model(model.model_fields[name].annotation)
+        if nested is not None:
+            # type the flattened columns too, so all-null ones still materialize
+            for sub, sub_col in pydantic_to_table_schema_columns(nested).items():
+                if sub_col.get("data_type") != "json":
+                    columns[f"{name}__{sub}"] = {**sub_col, "name": f"{name}__{sub}", "nullable": True}
+        elif col.get("data_type") != "json":
+            columns[name] = col
     columns.update(
         {
             "key": {"name": "key", "data_type": "text", "nullable": False},

@@ -1,0 +1,119 @@
+"""Command line: run the sandbox until SIGINT or SIGTERM.
+
+``apione-sandbox --port 8765 --plan free --job-seconds-per-record 0.01`` or
+``python -m apione_source.sandbox ...``. The first line printed is the base URL, so a
+parent process can read it (with ``--port 0`` the port is only known then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from apione_source.errors import ConfigurationError
+from apione_source.sandbox.server import Sandbox
+from apione_source.settings import PLANS
+
+API_KEY_ENV = "APIONE_SANDBOX_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser; every Sandbox knob is a flag.
+
+    Returns:
+        The parser.
+    """
+    p = argparse.ArgumentParser(
+        prog="apione-sandbox", description="Local stand-in for ApiOne's async enrichment API."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    p.add_argument("--plan", default="growth", choices=sorted(PLANS), help="plan limits")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV, "sk_test_sandbox"),
+        help=f"the accepted API key (default ${API_KEY_ENV} or sk_test_sandbox)",
+    )
+    p.add_argument("--job-seconds-base", type=float, default=0.0)
+    p.add_argument("--job-seconds-per-record", type=float, default=0.0)
+    p.add_argument("--queue-seconds", type=float, default=0.0)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--failure-rate", type=float, default=0.0, help="share of jobs that fail")
+    p.add_argument(
+        "--transient-error-rate", type=float, default=0.0, help="share of 500/503/429 answers"
+    )
+    p.add_argument("--retry-after-seconds", type=int, default=1)
+    p.add_argument("--latency-seconds", type=float, default=0.0)
+    p.add_argument(
+        "--retention-seconds", type=float, default=None, help="default: the plan's retention"
+    )
+    p.add_argument("--record-error-rate", type=float, default=0.0)
+    p.add_argument("--webhook-secret", default="whsec_sandbox")
+    p.add_argument("--webhook-retry-base-seconds", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sandbox until SIGINT or SIGTERM.
+
+    Args:
+        argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 after a clean stop, 2 on a bad configuration.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        sandbox = Sandbox(
+            plan=args.plan,
+            api_key=args.api_key,
+            host=args.host,
+            port=args.port,
+            job_seconds_base=args.job_seconds_base,
+            job_seconds_per_record=args.job_seconds_per_record,
+            queue_seconds=args.queue_seconds,
+            time_scale=args.time_scale,
+            failure_rate=args.failure_rate,
+            transient_error_rate=args.transient_error_rate,
+            retry_after_seconds=args.retry_after_seconds,
+            latency_seconds=args.latency_seconds,
+            retention_seconds=args.retention_seconds,
+            record_error_rate=args.record_error_rate,
+            webhook_secret=args.webhook_secret,
+            webhook_retry_base_seconds=args.webhook_retry_base_seconds,
+            seed=args.seed,
+        )
+    except ConfigurationError as exc:
+        print(f"apione-sandbox: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    sandbox.start()
+    try:
+        print(sandbox.base_url, flush=True)
+        print(
+            f"apione-sandbox: plan {args.plan}, usage at {sandbox.root_url}/_sandbox/usage",
+            file=sys.stderr,
+            flush=True,
+        )
+        # Event.wait without a timeout would defer signal handling on some platforms.
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sandbox.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

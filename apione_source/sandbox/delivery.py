@@ -1,0 +1,132 @@
+"""Background delivery of the sandbox's ``jobFinished`` webhooks.
+
+A dispatcher thread watches the engine for jobs that finished (their state is computed
+from the clock, so nothing else would notice) and hands each to its own delivery
+thread, which POSTs the signed body and retries non-2xx answers and connection errors
+with exponential backoff, keeping one delivery id across the retries.
+"""
+
+from __future__ import annotations
+
+import http.client
+import secrets
+import threading
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from apione_source.sandbox.engine import Engine, WebhookDue
+from apione_source.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, sign
+
+MAX_ATTEMPTS = 8
+_POLL_SECONDS = 0.01  # while jobs with webhooks are running: how often to look
+_IDLE_SECONDS = 0.5  # with none pending; a new one wakes the dispatcher at once
+
+
+def post_once(due: WebhookDue, headers: dict[str, str], timeout: float) -> int:
+    """POST one delivery attempt.
+
+    Args:
+        due: The delivery.
+        headers: Request headers (signature included).
+        timeout: Connect and read timeout in seconds.
+
+    Returns:
+        The receiver's HTTP status.
+
+    Raises:
+        OSError: The connection failed or timed out.
+        http.client.HTTPException: The receiver's answer was not HTTP.
+    """
+    parts = urlsplit(due.url)
+    conn_cls = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    conn = conn_cls(parts.netloc, timeout=timeout)
+    try:
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        conn.request("POST", path, body=due.body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+class WebhookDispatcher:
+    """Delivers the engine's due webhooks until stopped.
+
+    Args:
+        engine: The engine whose finished jobs are delivered.
+        secret: The webhook signing secret.
+        retry_base_seconds: Delay before the first retry; doubles on each further one.
+        clock: Unix time used for the signature timestamp (the sandbox's clock, so a
+            fake clock in tests signs with fake time).
+        timeout: Per-attempt connect/read timeout in seconds.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        secret: str,
+        retry_base_seconds: float,
+        clock: Callable[[], float],
+        timeout: float = 5.0,
+    ) -> None:
+        self._engine = engine
+        self._secret = secret
+        self._retry_base = retry_base_seconds
+        self._clock = clock
+        self._timeout = timeout
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the dispatcher thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="apione-sandbox-webhooks", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop dispatching; pending retries are abandoned."""
+        self._stop.set()
+        self._engine.webhook_signal.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        signal = self._engine.webhook_signal
+        while not self._stop.is_set():
+            for due in self._engine.take_due_webhooks():
+                threading.Thread(
+                    target=self._deliver, args=(due,), name="apione-sandbox-delivery", daemon=True
+                ).start()
+            if self._engine.has_pending_webhooks():
+                self._stop.wait(_POLL_SECONDS)
+            else:
+                signal.wait(_IDLE_SECONDS)
+                signal.clear()
+
+    def _deliver(self, due: WebhookDue) -> None:
+        delivery_id = "dlv_" + secrets.token_hex(12)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            # Re-signed on every attempt so a late retry still passes the receiver's
+            # timestamp tolerance; the body and delivery id stay the same.
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "ApiOne-Webhooks/1.0 (sandbox)",
+                EVENT_HEADER: due.event,
+                DELIVERY_HEADER: delivery_id,
+                SIGNATURE_HEADER: sign(self._secret, due.body, int(self._clock())),
+            }
+            try:
+                if 200 <= post_once(due, headers, self._timeout) < 300:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass  # connection errors are retried like non-2xx answers
+            if attempt < MAX_ATTEMPTS and self._stop.wait(self._retry_base * 2 ** (attempt - 1)):
+                return

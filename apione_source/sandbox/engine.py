@@ -1,0 +1,618 @@
+"""The sandbox's model of ApiOne: jobs, their lifecycle, plan limits, faults and usage.
+
+The engine knows nothing about sockets: each API call is a method taking the API key
+and the raw request data and returning a :class:`Reply` (status, JSON body, headers),
+so it can be tested and reasoned about without HTTP. Time comes only from the injected
+``clock``; a job's state is *computed* from its timestamps rather than advanced by a
+worker, which makes a fake clock drive the whole lifecycle without any sleeping.
+One lock guards all mutable state; building large results bodies happens outside it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import random
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from apione_source.models import EnrichmentType, JobStatus, RecordStatus
+from apione_source.sandbox import data
+from apione_source.settings import JOB_ID_PATTERN, Plan
+
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_TYPES = frozenset(t.value for t in EnrichmentType)
+_FAULTS = (
+    (500, "internal_error", "an internal error occurred; retry with backoff"),
+    (503, "service_unavailable", "the service is temporarily unavailable; retry later"),
+    (429, "rate_limited", "too many requests; retry after the Retry-After delay"),
+)
+_REJECT_KEYS = ("400", "401", "413", "429", "transient")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Every knob of the sandbox (see :class:`~apione_source.sandbox.Sandbox`)."""
+
+    plan: Plan
+    api_key: str
+    job_seconds_base: float = 0.0
+    job_seconds_per_record: float = 0.0
+    queue_seconds: float = 0.0
+    time_scale: float = 1.0
+    failure_rate: float = 0.0
+    transient_error_rate: float = 0.0
+    retry_after_seconds: int = 1
+    latency_seconds: float = 0.0
+    retention_seconds: float | None = None
+    record_error_rate: float = 0.0
+    seed: int = 0
+
+    @property
+    def retention(self) -> float:
+        """Seconds results are kept after completion."""
+        if self.retention_seconds is not None:
+            return self.retention_seconds
+        return float(self.plan.retention_seconds)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP answer: status code, JSON body bytes and extra headers."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class WebhookDue:
+    """A finished job whose webhook must now be delivered."""
+
+    job_id: str
+    url: str
+    event: str
+    body: bytes
+
+
+@dataclass
+class _Job:
+    job_id: str
+    type: str
+    records: list[dict[str, Any]]
+    keys: list[str]  # canonical JSON of each record, computed once at submit
+    webhook_url: str | None
+    salt: str  # seed + sequence number: drives per-job randomness reproducibly
+    generation: int
+    created_at: float
+    started_at: float
+    finished_at: float
+    failed: bool
+    processed_at_failure: int
+    expires_at: float | None
+    expired: bool = False
+    results_body: bytes | None = None
+    results_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def status(self, now: float) -> JobStatus:
+        if now < self.started_at:
+            return JobStatus.QUEUED
+        if now < self.finished_at:
+            return JobStatus.PROCESSING
+        return JobStatus.FAILED if self.failed else JobStatus.COMPLETED
+
+    def processed(self, now: float) -> int:
+        status = self.status(now)
+        n = len(self.records)
+        if status is JobStatus.QUEUED:
+            return 0
+        if status is JobStatus.COMPLETED:
+            return n
+        if status is JobStatus.FAILED:
+            return self.processed_at_failure
+        full = self.finished_at - self.started_at
+        if self.failed:
+            # A failing job stops at processed_at_failure; scale progress to that point.
+            return int(self.processed_at_failure * (now - self.started_at) / full)
+        return min(n - 1, int(n * (now - self.started_at) / full))
+
+
+def iso(ts: float) -> str:
+    """Format unix seconds as ISO-8601 UTC with milliseconds and a ``Z`` suffix.
+
+    Args:
+        ts: Unix seconds.
+
+    Returns:
+        E.g. ``2024-05-01T12:00:00.000Z``.
+    """
+    text = datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+
+def error_reply(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    limit: int | None = None,
+    retry_after: int | None = None,
+) -> Reply:
+    """Build an error answer in the contract's ``{"status":"error","error":{..}}`` shape.
+
+    Args:
+        status: HTTP status.
+        code: ``error.code``.
+        message: ``error.message``.
+        limit: ``error.limit``, for too_many_records and concurrent_job_limit.
+        retry_after: Seconds for the ``Retry-After`` header.
+
+    Returns:
+        The reply.
+    """
+    detail: dict[str, Any] = {"code": code, "message": message}
+    if limit is not None:
+        detail["limit"] = limit
+    headers = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
+    return Reply(status, _json({"status": "error", "error": detail}), headers)
+
+
+class Engine:
+    """ApiOne's behaviour, driven by an injected clock; thread-safe.
+
+    Args:
+        config: The sandbox knobs.
+        clock: Returns the current unix time in seconds.
+    """
+
+    def __init__(self, config: SandboxConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Faults are drawn from one seeded stream: the same request sequence sees the
+        # same faults, which makes chaos runs reproducible.
+        self._rng = random.Random(config.seed)
+        self._jobs: dict[str, _Job] = {}
+        self._active: list[_Job] = []
+        self._webhooks_pending: list[_Job] = []
+        self._seq = 0
+        self._generation = 0
+        self._last_now = float("-inf")
+        self.webhook_signal = threading.Event()
+        self._reset_counters()
+
+    # --- time and bookkeeping ----------------------------------------------------------
+
+    def now(self) -> float:
+        """Current time, never going backwards (a terminal state must never change)."""
+        with self._lock:
+            return self._now_locked()
+
+    def _now_locked(self) -> float:
+        self._last_now = max(self._last_now, self._clock())
+        return self._last_now
+
+    def _reset_counters(self) -> None:
+        self._jobs_created = 0
+        self._records_billed = 0
+        self._billed: dict[str, int] = {}
+        self._status_calls = 0
+        self._results_calls = 0
+        self._submit_calls = 0
+        self._rejected = dict.fromkeys(_REJECT_KEYS, 0)
+        self._max_active = 0
+        self._max_records = 0
+        self._lost_answers = 0
+
+    def _draw_fault(self) -> tuple[int, str, str] | None:
+        rate = self.config.transient_error_rate
+        if rate <= 0 or self._rng.random() >= rate:
+            return None
+        return _FAULTS[self._rng.randrange(len(_FAULTS))]
+
+    def _fault_reply(self, fault: tuple[int, str, str]) -> Reply:
+        status, code, message = fault
+        retry_after = self.config.retry_after_seconds if status != 500 else None
+        return error_reply(status, code, message, retry_after=retry_after)
+
+    def _authorized(self, api_key: str | None) -> bool:
+        if api_key is None:
+            return False
+        return hmac.compare_digest(api_key.encode("utf-8"), self.config.api_key.encode("utf-8"))
+
+    @staticmethod
+    def _unauthorized() -> Reply:
+        # The message never echoes the key that was sent.
+        return error_reply(401, "invalid_api_key", "missing or invalid X-API-Key header")
+
+    # --- submit ------------------------------------------------------------------------
+
+    def submit(self, api_key: str | None, raw_body: bytes) -> Reply:
+        """Handle ``POST /async/enrich``.
+
+        A transient fault never creates a job, except that half of the injected 500s
+        happen *after* a successful submit: the job exists (and is billed) but the
+        answer is lost, which is what a client sees after a read timeout.
+
+        Args:
+            api_key: The ``X-API-Key`` header, or None.
+            raw_body: The request body.
+
+        Returns:
+            The reply.
+        """
+        with self._lock:
+            self._submit_calls += 1
+            fault = self._draw_fault()
+            lose_answer = fault is not None and fault[0] == 500 and self._rng.random() < 0.5
+            if fault is not None and not lose_answer:
+                self._rejected["transient"] += 1
+                return self._fault_reply(fault)
+        reply = self._submit(api_key, raw_body)
+        if fault is not None and reply.status == 200:
+            with self._lock:
+                self._lost_answers += 1
+            return self._fault_reply(fault)
+        # A submit rejected on its merits gets its real answer: only successes get lost.
+        return reply
+
+    def _reject(self, key: str, reply: Reply) -> Reply:
+        with self._lock:
+            self._rejected[key] += 1
+        return reply
+
+    def _submit(self, api_key: str | None, raw_body: bytes) -> Reply:
+        if not self._authorized(api_key):
+            return self._reject("401", self._unauthorized())
+        parsed = _parse_submit(raw_body, self.config.plan)
+        if isinstance(parsed, Reply):
+            return self._reject(str(parsed.status), parsed)
+        enrichment_type, records, webhook_url = parsed
+        keys = [data.canonical_json(r) for r in records]
+        cfg = self.config
+        with self._lock:
+            now = self._now_locked()
+            self._active = [j for j in self._active if j.finished_at > now]
+            limit = cfg.plan.concurrent_jobs
+            if len(self._active) >= limit:
+                wait = min(j.finished_at for j in self._active) - now
+                self._rejected["429"] += 1
+                return error_reply(
+                    429,
+                    "concurrent_job_limit",
+                    f"the {cfg.plan.name} plan allows {limit} queued or processing job(s)",
+                    limit=limit,
+                    retry_after=max(1, math.ceil(wait)),
+                )
+            self._seq += 1
+            job = self._new_job(enrichment_type, records, keys, webhook_url, now)
+            self._jobs[job.job_id] = job
+            self._active.append(job)
+            if webhook_url is not None:
+                self._webhooks_pending.append(job)
+                self.webhook_signal.set()
+            self._jobs_created += 1
+            self._records_billed += len(records)
+            for key in keys:
+                self._billed[key] = self._billed.get(key, 0) + 1
+            self._max_active = max(self._max_active, len(self._active))
+            self._max_records = max(self._max_records, len(records))
+        queue = cfg.queue_seconds * cfg.time_scale
+        work = (cfg.job_seconds_base + cfg.job_seconds_per_record * len(records)) * cfg.time_scale
+        return Reply(
+            200,
+            _json(
+                {
+                    "status": "success",
+                    "job_id": job.job_id,
+                    "estimated_completion_seconds": math.ceil(queue + work),
+                    "total_records": len(records),
+                }
+            ),
+        )
+
+    def _new_job(
+        self,
+        enrichment_type: str,
+        records: list[dict[str, Any]],
+        keys: list[str],
+        webhook_url: str | None,
+        now: float,
+    ) -> _Job:
+        cfg = self.config
+        salt = f"{cfg.seed}:{self._seq}"
+        started = now + cfg.queue_seconds * cfg.time_scale
+        work = (cfg.job_seconds_base + cfg.job_seconds_per_record * len(records)) * cfg.time_scale
+        failed = data.unit_hash("job_failed", salt) < cfg.failure_rate
+        # A failing job gives up somewhere between 10% and 90% of its work.
+        fraction = 0.1 + 0.8 * data.unit_hash("fail_at", salt) if failed else 1.0
+        finished = started + work * fraction
+        # Ids are random so they stay unique across sandbox restarts; everything that
+        # must be reproducible hashes ``salt`` instead.
+        return _Job(
+            job_id="job_" + secrets.token_hex(12),
+            type=enrichment_type,
+            records=records,
+            keys=keys,
+            webhook_url=webhook_url,
+            salt=salt,
+            generation=self._generation,
+            created_at=now,
+            started_at=started,
+            finished_at=finished,
+            failed=failed,
+            processed_at_failure=int(len(records) * fraction) if failed else 0,
+            expires_at=None if failed else finished + cfg.retention,
+        )
+
+    # --- status and results ------------------------------------------------------------
+
+    def _lookup(self, job_id: str) -> _Job | Reply:
+        job = self._jobs.get(job_id) if _JOB_ID_RE.match(job_id) else None
+        if job is None:
+            return error_reply(404, "job_not_found", f"no job {job_id!r} for this API key")
+        return job
+
+    @staticmethod
+    def _job_view(job: _Job, now: float) -> dict[str, Any]:
+        status = job.status(now)
+        terminal = status.is_terminal
+        return {
+            "job_id": job.job_id,
+            "status": status.value,
+            "type": job.type,
+            "total_records": len(job.records),
+            "processed_records": job.processed(now),
+            "created_at": iso(job.created_at),
+            "started_at": None if status is JobStatus.QUEUED else iso(job.started_at),
+            "completed_at": iso(job.finished_at) if terminal else None,
+            "expires_at": iso(job.expires_at) if terminal and job.expires_at is not None else None,
+            "error": _JOB_FAILED_ERROR if status is JobStatus.FAILED else None,
+        }
+
+    def status(self, api_key: str | None, job_id: str) -> Reply:
+        """Handle ``GET /async/status/{job_id}``.
+
+        Args:
+            api_key: The ``X-API-Key`` header, or None.
+            job_id: The path parameter (validated here; malformed ids are 404).
+
+        Returns:
+            The reply; the body is the Job object.
+        """
+        with self._lock:
+            self._status_calls += 1
+            fault = self._draw_fault()
+            if fault is not None:
+                return self._fault_reply(fault)
+            if not self._authorized(api_key):
+                return self._unauthorized()
+            found = self._lookup(job_id)
+            if isinstance(found, Reply):
+                return found
+            return Reply(200, _json(self._job_view(found, self._now_locked())))
+
+    def results(self, api_key: str | None, job_id: str) -> Reply:
+        """Handle ``GET /async/results/{job_id}``.
+
+        A *failed* job is answered 200 with the Job body, ``results: []`` and its
+        ``error`` (the same shape as its ``job.failed`` webhook) rather than 409: the
+        job is finished, so "not completed yet" would make a client poll forever.
+
+        Args:
+            api_key: The ``X-API-Key`` header, or None.
+            job_id: The path parameter.
+
+        Returns:
+            The reply: 200 JobResults, 404, 409 job_not_completed or 410 results_expired.
+        """
+        with self._lock:
+            self._results_calls += 1
+            fault = self._draw_fault()
+            if fault is not None:
+                return self._fault_reply(fault)
+            if not self._authorized(api_key):
+                return self._unauthorized()
+            found = self._lookup(job_id)
+            if isinstance(found, Reply):
+                return found
+            job, now = found, self._now_locked()
+            status = job.status(now)
+            if status is JobStatus.FAILED:
+                return Reply(200, _json({**self._job_view(job, now), "results": []}))
+            if status is not JobStatus.COMPLETED:
+                return error_reply(
+                    409, "job_not_completed", f"job {job_id} is {status.value}; poll its status"
+                )
+            if self._is_expired(job, now):
+                job.results_body = None  # the data is deleted, as in the real service
+                return error_reply(
+                    410, "results_expired", f"results of job {job_id} passed their retention"
+                )
+        return Reply(200, self._results_body(job, now))
+
+    @staticmethod
+    def _is_expired(job: _Job, now: float) -> bool:
+        return job.expired or (job.expires_at is not None and now >= job.expires_at)
+
+    def _results_body(self, job: _Job, now: float) -> bytes:
+        # Built once per job, outside the engine lock (1,000 records take a few ms), and
+        # reused by every later call and by the webhook: the body of a finished job
+        # never changes.
+        with job.results_lock:
+            if job.results_body is None:
+                body = {**self._job_view(job, now), "results": self._build_results(job)}
+                job.results_body = _json(body)
+            return job.results_body
+
+    def _build_results(self, job: _Job) -> list[dict[str, Any]]:
+        build = data.PAYLOAD_BUILDERS[job.type]
+        error_rate = self.config.record_error_rate
+        out: list[dict[str, Any]] = []
+        for index, (record, key) in enumerate(zip(job.records, job.keys, strict=True)):
+            result: dict[str, Any] = {"index": index, "input": record}
+            reason = data.invalid_reason(job.type, record)
+            if reason is not None:
+                result["status"] = RecordStatus.INVALID.value
+                result["data"] = None
+                result["error"] = {"code": "invalid_input", "message": reason}
+            elif data.is_not_found(key):
+                result["status"] = RecordStatus.NOT_FOUND.value
+                result["data"] = None
+                result["error"] = None
+            elif error_rate > 0 and data.unit_hash("record_error", job.salt, key) < error_rate:
+                # Hashed with the job's salt, so the same record submitted again in a new
+                # job can succeed.
+                result["status"] = RecordStatus.ERROR.value
+                result["data"] = None
+                result["error"] = {
+                    "code": "enrichment_error",
+                    "message": "enrichment failed for this record; submit it again",
+                }
+            else:
+                result["status"] = RecordStatus.MATCHED.value
+                result["data"] = build(record)
+                result["error"] = None
+            out.append(result)
+        return out
+
+    # --- webhooks ----------------------------------------------------------------------
+
+    def has_pending_webhooks(self) -> bool:
+        """Tell whether a job with a webhook_url has not finished yet."""
+        with self._lock:
+            return bool(self._webhooks_pending)
+
+    def take_due_webhooks(self) -> list[WebhookDue]:
+        """Remove and return the webhooks of jobs that have finished.
+
+        Returns:
+            One delivery per newly finished job: JobResults plus ``event``.
+        """
+        with self._lock:
+            now = self._now_locked()
+            due = [j for j in self._webhooks_pending if j.status(now).is_terminal]
+            if not due:
+                return []
+            self._webhooks_pending = [j for j in self._webhooks_pending if j not in due]
+        out: list[WebhookDue] = []
+        for job in due:
+            assert job.webhook_url is not None  # only webhook jobs are pending
+            if job.failed:
+                event = "job.failed"
+                body = _json({"event": event, **self._job_view(job, now), "results": []})
+            else:
+                event = "job.completed"
+                # Splice the event into the cached results body instead of re-encoding
+                # 1,000 results: the cached body is a JSON object starting with "{".
+                cached = self._results_body(job, now)
+                body = b'{"event":"job.completed",' + cached[1:]
+            out.append(WebhookDue(job.job_id, job.webhook_url, event, body))
+        return out
+
+    # --- sandbox controls --------------------------------------------------------------
+
+    def expire(self, job_id: str) -> bool:
+        """Delete a job's results now, as if its retention had passed.
+
+        Args:
+            job_id: The job.
+
+        Returns:
+            False when the job is unknown.
+        """
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return False
+            job.expired = True
+            job.results_body = None
+            return True
+
+    def reset_usage(self) -> None:
+        """Zero every usage counter; jobs created before are no longer counted."""
+        with self._lock:
+            self._reset_counters()
+            self._generation += 1
+
+    def usage(self) -> dict[str, Any]:
+        """Snapshot the usage counters.
+
+        Returns:
+            The ``/_sandbox/usage`` document (see docs/INTERFACES.md), plus
+            ``lost_answers``: submits that created a job but were answered 500.
+        """
+        with self._lock:
+            now = self._now_locked()
+            jobs = {s.value: 0 for s in JobStatus}
+            for job in self._jobs.values():
+                if job.generation == self._generation:
+                    jobs[job.status(now).value] += 1
+            return {
+                "jobs_created": self._jobs_created,
+                "records_billed": self._records_billed,
+                "billed_per_key": dict(self._billed),
+                "status_calls": self._status_calls,
+                "results_calls": self._results_calls,
+                "submit_calls": self._submit_calls,
+                "rejected_submits": dict(self._rejected),
+                "max_active_jobs_seen": self._max_active,
+                "max_records_per_job_seen": self._max_records,
+                "jobs": jobs,
+                "lost_answers": self._lost_answers,
+            }
+
+
+_JOB_FAILED_ERROR = {
+    "code": "internal_error",
+    "message": "the job failed during processing; its records may be submitted again",
+}
+
+
+def _parse_submit(
+    raw_body: bytes, plan: Plan
+) -> tuple[str, list[dict[str, Any]], str | None] | Reply:
+    """Validate a submit body; return (type, records, webhook_url) or the error reply."""
+
+    def bad(message: str) -> Reply:
+        return error_reply(400, "invalid_request", message)
+
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, UnicodeDecodeError):
+        return bad("the body is not valid JSON")
+    if not isinstance(body, dict):
+        return bad("the body must be a JSON object")
+    enrichment_type = body.get("type")
+    if not isinstance(enrichment_type, str) or enrichment_type not in _TYPES:
+        return bad("type must be one of: company, people, email")
+    records = body.get("records")
+    if not isinstance(records, list) or not records:
+        return bad("records must be a non-empty array")
+    if len(records) > plan.records_per_job:
+        return error_reply(
+            413,
+            "too_many_records",
+            f"{len(records)} records exceed the {plan.name} plan's "
+            f"{plan.records_per_job} records per job",
+            limit=plan.records_per_job,
+        )
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            return bad(f"records[{i}] must be an object")
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None and not (
+        isinstance(webhook_url, str) and webhook_url.startswith(("http://", "https://"))
+    ):
+        return bad("webhook_url must be an http(s) URL")
+    return enrichment_type, records, webhook_url

@@ -1,0 +1,325 @@
+"""HTTP layer of the sandbox: routes requests to the engine over stdlib ``http.server``.
+
+Routes (``<root>`` is ``http://host:port``):
+
+* ``POST <root>/api/v1/async/enrich``, ``GET <root>/api/v1/async/status/{job_id}``,
+  ``GET <root>/api/v1/async/results/{job_id}``: the ApiOne contract.
+* ``GET <root>/_sandbox/usage``, ``POST <root>/_sandbox/expire/{job_id}``,
+  ``POST <root>/_sandbox/reset``: sandbox controls, no auth, never faulted or delayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from apione_source.errors import ConfigurationError
+from apione_source.sandbox.delivery import WebhookDispatcher
+from apione_source.sandbox.engine import Engine, Reply, SandboxConfig, error_reply
+from apione_source.settings import API_KEY_HEADER, get_plan
+
+_API = "/api/v1/async/"
+_CONTROL = "/_sandbox/"
+_MAX_BODY = 64 * 1024 * 1024  # far above 1,000 records; refuses absurd uploads
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Do not join handler threads on close: idle keep-alive connections would block it.
+    block_on_close = False
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], engine: Engine, latency: float) -> None:
+        super().__init__(address, _Handler)
+        self.engine = engine
+        self.latency = latency
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, socket.socket):
+            with self._conns_lock:
+                self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        if isinstance(request, socket.socket):
+            with self._conns_lock:
+                self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Cut open keep-alive connections, so a stopped sandbox really stops answering."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1 keeps connections alive, which clients' pools rely on for throughput.
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, small answers would wait
+    # ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
+    server_version = "ApiOneSandbox/1.0"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay silent: per-request logs are noise and headers could carry the key."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0 or length > _MAX_BODY:
+            raise ValueError("bad Content-Length")
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self, method: str) -> None:
+        server = cast(_Server, self.server)
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            self._send(error_reply(400, "invalid_request", "invalid Content-Length"))
+            return
+        path = urlsplit(self.path).path
+        if path.startswith(_API):
+            if server.latency > 0:
+                time.sleep(server.latency)
+            reply = self._api(server.engine, method, path[len(_API) :], body)
+        elif path.startswith(_CONTROL):
+            reply = self._control(server.engine, method, path[len(_CONTROL) :])
+        else:
+            reply = error_reply(404, "not_found", f"no route {path}")
+        self._send(reply)
+
+    def _api(self, engine: Engine, method: str, route: str, body: bytes) -> Reply:
+        api_key = self.headers.get(API_KEY_HEADER)
+        if route == "enrich":
+            if method != "POST":
+                return _method_not_allowed()
+            return engine.submit(api_key, body)
+        kind, _, job_id = route.partition("/")
+        if kind in ("status", "results") and job_id:
+            if method != "GET":
+                return _method_not_allowed()
+            job_id = unquote(job_id)
+            if kind == "status":
+                return engine.status(api_key, job_id)
+            return engine.results(api_key, job_id)
+        return error_reply(404, "not_found", "no such endpoint")
+
+    @staticmethod
+    def _control(engine: Engine, method: str, route: str) -> Reply:
+        ok = Reply(200, b'{"status":"success"}')
+        if route == "usage" and method == "GET":
+            return Reply(200, json.dumps(engine.usage()).encode("utf-8"))
+        if route == "reset" and method == "POST":
+            engine.reset_usage()
+            return ok
+        if route.startswith("expire/") and method == "POST":
+            job_id = unquote(route[len("expire/") :])
+            if engine.expire(job_id):
+                return ok
+            return error_reply(404, "job_not_found", f"no job {job_id!r}")
+        return error_reply(404, "not_found", "no such sandbox control")
+
+    def _send(self, reply: Reply) -> None:
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+
+def _method_not_allowed() -> Reply:
+    return error_reply(405, "method_not_allowed", "method not allowed on this endpoint")
+
+
+def _check_rate(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigurationError(f"{name} must be between 0 and 1, got {value}")
+
+
+class Sandbox:
+    """A local, faithful stand-in for ApiOne's async enrichment API.
+
+    Args:
+        plan: Plan whose limits apply: free, starter, growth or scale.
+        api_key: The one API key accepted.
+        host: Interface to listen on.
+        port: TCP port; 0 picks a free one.
+        job_seconds_base: Processing seconds of every job (before ``time_scale``).
+        job_seconds_per_record: Extra processing seconds per record.
+        queue_seconds: Seconds a job stays queued before processing.
+        time_scale: Multiplies queue and processing durations.
+        failure_rate: Share of jobs that end ``failed`` (reproducible from ``seed``).
+        transient_error_rate: Share of API requests answered 500, 503 or 429.
+        retry_after_seconds: ``Retry-After`` of the injected 503 and 429 answers.
+        latency_seconds: Delay added before answering each API request.
+        retention_seconds: Results retention; None uses the plan's.
+        record_error_rate: Share of records whose result is ``error`` (per job).
+        webhook_secret: Secret signing webhook deliveries.
+        webhook_retry_base_seconds: First webhook retry delay; doubles each retry.
+        seed: Seed of every reproducible choice (faults, failures, record errors).
+        clock: Unix time source; inject a fake one to drive jobs without sleeping.
+
+    Raises:
+        ConfigurationError: Unknown plan or a rate outside ``[0, 1]``.
+    """
+
+    def __init__(
+        self,
+        plan: str = "growth",
+        api_key: str = "sk_test_sandbox",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        job_seconds_base: float = 0.0,
+        job_seconds_per_record: float = 0.0,
+        queue_seconds: float = 0.0,
+        time_scale: float = 1.0,
+        failure_rate: float = 0.0,
+        transient_error_rate: float = 0.0,
+        retry_after_seconds: int = 1,
+        latency_seconds: float = 0.0,
+        retention_seconds: float | None = None,
+        record_error_rate: float = 0.0,
+        webhook_secret: str = "whsec_sandbox",
+        webhook_retry_base_seconds: float = 1.0,
+        seed: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        for name, rate in (
+            ("failure_rate", failure_rate),
+            ("transient_error_rate", transient_error_rate),
+            ("record_error_rate", record_error_rate),
+        ):
+            _check_rate(name, rate)
+        if min(job_seconds_base, job_seconds_per_record, queue_seconds, time_scale) < 0:
+            raise ConfigurationError("durations and time_scale must not be negative")
+        self.config = SandboxConfig(
+            plan=get_plan(plan),
+            api_key=api_key,
+            job_seconds_base=job_seconds_base,
+            job_seconds_per_record=job_seconds_per_record,
+            queue_seconds=queue_seconds,
+            time_scale=time_scale,
+            failure_rate=failure_rate,
+            transient_error_rate=transient_error_rate,
+            retry_after_seconds=retry_after_seconds,
+            latency_seconds=latency_seconds,
+            retention_seconds=retention_seconds,
+            record_error_rate=record_error_rate,
+            seed=seed,
+        )
+        self.engine = Engine(self.config, clock)
+        self._host = host
+        self._port = port
+        self._dispatcher = WebhookDispatcher(
+            self.engine, webhook_secret, webhook_retry_base_seconds, clock
+        )
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        # Never show the API key.
+        where = self.root_url if self._server is not None else "stopped"
+        return f"Sandbox(plan={self.config.plan.name!r}, {where})"
+
+    def start(self) -> Sandbox:
+        """Bind the port and serve in a daemon thread.
+
+        Returns:
+            self, so ``sb = Sandbox(...).start()`` works.
+        """
+        if self._server is not None:
+            return self
+        self._server = _Server((self._host, self._port), self.engine, self.config.latency_seconds)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="apione-sandbox-http",
+            daemon=True,
+        )
+        self._thread.start()
+        self._dispatcher.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, cut open connections and stop webhook deliveries."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._dispatcher.stop()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def root_url(self) -> str:
+        """``http://host:port`` of the running sandbox."""
+        if self._server is None:
+            raise RuntimeError("the sandbox is not started")
+        host, port = self._server.server_address[:2]
+        host_text = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{host_text}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        """The API base URL, ``<root_url>/api/v1``, to give to the client."""
+        return f"{self.root_url}/api/v1"
+
+    def usage(self) -> dict[str, Any]:
+        """Return the usage counters (same JSON as ``GET <root_url>/_sandbox/usage``)."""
+        return self.engine.usage()
+
+    def expire(self, job_id: str) -> None:
+        """Make a job's results 410 ``results_expired`` at once.
+
+        Raises:
+            KeyError: The job is unknown.
+        """
+        if not self.engine.expire(job_id):
+            raise KeyError(job_id)
+
+    def reset_usage(self) -> None:
+        """Zero the usage counters."""
+        self.engine.reset_usage()

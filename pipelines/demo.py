@@ -1,0 +1,212 @@
+"""The apione-dlt demo: enrich companies, people and emails from a DuckDB warehouse.
+
+Runs entirely on this machine: it starts the ApiOne sandbox in-process, creates
+``demo_data/warehouse.duckdb`` with sample input tables (duplicates and bad rows
+included), and runs the real pipelines into the same warehouse, dataset ``enriched``.
+Run it twice: the second run submits nothing.
+
+    uv run python pipelines/demo.py           # run the demo
+    uv run python pipelines/demo.py --show    # look at the loaded data
+    uv run python pipelines/demo.py --reset   # start over
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import dlt
+import duckdb
+
+from apione_source import apione, run_enrichment
+from apione_source.sandbox import Sandbox
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
+WAREHOUSE = DATA_DIR / "warehouse.duckdb"
+API_KEY = "sk_demo_sandbox"  # the sandbox's own key; never a real one
+DATASET = "enriched"
+
+# (enrichment type, input table, ApiOne field -> column)
+JOBS = [
+    ("company", "companies", {"domain": "website"}),
+    ("people", "people", {"email": "email", "first_name": "first_name",
+                          "last_name": "last_name", "domain": "company_domain"}),
+    ("email", "contacts", {"email": "email"}),
+]
+
+
+def create_warehouse(path: Path) -> None:
+    """Create the sample input tables: ~3,000 companies, ~1,500 people, ~1,500 emails."""
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("CREATE SCHEMA crm")
+        # Every 9th company is another spelling of an earlier one, every 61st is garbage.
+        con.execute(
+            """
+            CREATE TABLE crm.companies AS
+            SELECT i AS id,
+                   'Company ' || i AS name,
+                   CASE
+                       WHEN i % 61 = 0 THEN (['', 'not a domain', NULL, 'localhost'])[1 + (i // 61) % 4]
+                       WHEN i % 9 = 0 THEN 'https://www.Company' || (i - 1) || '.example.com/about'
+                       ELSE 'company' || i || '.example.com'
+                   END AS website,
+                   TIMESTAMP '2026-01-01' + INTERVAL (i) MINUTE AS updated_at
+            FROM range(1, 3001) t(i)
+            """
+        )
+        con.execute(
+            """
+            CREATE TABLE crm.people AS
+            SELECT i AS id,
+                   'First' || i AS first_name,
+                   'Last' || i AS last_name,
+                   CASE WHEN i % 3 = 0 THEN NULL
+                        WHEN i % 47 = 0 THEN 'broken-at-example'
+                        ELSE 'person' || (i % 1400) || '@company' || (i % 700) || '.example.com'
+                   END AS email,
+                   'company' || (i % 700) || '.example.com' AS company_domain
+            FROM range(1, 1501) t(i)
+            """
+        )
+        con.execute(
+            """
+            CREATE TABLE crm.contacts AS
+            SELECT i AS id,
+                   CASE WHEN i % 53 = 0 THEN '   '
+                        WHEN i % 10 = 0 THEN ' USER' || (i - 1) || '@Mail.Example.com '
+                        ELSE 'user' || i || '@mail.example.com'
+                   END AS email
+            FROM range(1, 1501) t(i)
+            """
+        )
+    finally:
+        con.close()
+
+
+class _ProgressHandler(logging.Handler):
+    """Shows apione_source progress lines on one live line in a terminal."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(logging.INFO)
+        self.label = label
+        self.tty = sys.stdout.isatty()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("progress: "):
+            line = f"  {self.label:8} {msg.removeprefix('progress: ')}"
+            if self.tty:
+                sys.stdout.write("\r\033[K" + line)
+                sys.stdout.flush()
+            return
+        if self.tty:
+            sys.stdout.write("\r\033[K")
+        print(f"  {self.label:8} {msg}", flush=True)
+
+
+def run_demo() -> None:
+    """Run the three demo pipelines against an in-process sandbox and print a summary."""
+    DATA_DIR.mkdir(exist_ok=True)
+    if not WAREHOUSE.exists():
+        create_warehouse(WAREHOUSE)
+        print(f"created sample warehouse {WAREHOUSE}")
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    log = logging.getLogger("apione_source")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    started = time.monotonic()
+    # Jobs take about a second plus a little per record, as a real API would.
+    with Sandbox(plan="growth", api_key=API_KEY, job_seconds_base=0.5,
+                 job_seconds_per_record=0.001, seed=7) as sandbox:
+        print(f"ApiOne sandbox at {sandbox.base_url}")
+        for etype, table, columns in JOBS:
+            handler = _ProgressHandler(etype)
+            log.addHandler(handler)
+            try:
+                pipeline = dlt.pipeline(
+                    pipeline_name=f"apione_demo_{etype}",
+                    destination=dlt.destinations.duckdb(str(WAREHOUSE)),
+                    dataset_name=DATASET,
+                    pipelines_dir=str(DATA_DIR / "pipelines"),
+                )
+                source = apione(
+                    api_key=API_KEY,
+                    base_url=sandbox.base_url,
+                    enrichment_type=etype,
+                    input_table=table,
+                    input_dataset="crm",
+                    input_credentials=str(WAREHOUSE),
+                    input_columns=columns,
+                    primary_key="id",
+                    wait_budget_seconds=120,
+                )
+                run_enrichment(pipeline, source)
+            finally:
+                log.removeHandler(handler)
+        usage = sandbox.usage()
+    _print_summary(usage, time.monotonic() - started)
+
+
+def _print_summary(usage: dict[str, object], seconds: float) -> None:
+    con = duckdb.connect(str(WAREHOUSE), read_only=True)
+    try:
+        tables = con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ? "
+            "AND table_name NOT LIKE '\\_dlt%' ESCAPE '\\' ORDER BY table_name",
+            [DATASET],
+        ).fetchall()
+        print("\nrows per table (dataset 'enriched')")
+        for (name,) in tables:
+            (n,) = con.execute(f'SELECT count(*) FROM {DATASET}."{name}"').fetchone()  # type: ignore[misc]
+            print(f"  {name:42} {n:>7}")
+        jobs = con.execute(
+            f"SELECT status, count(*) FROM {DATASET}.apione_jobs GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    finally:
+        con.close()
+    print("jobs in the ledger: " + ", ".join(f"{s} {n}" for s, n in jobs))
+    print(f"this run: {usage['jobs_created']} jobs created, "
+          f"{usage['records_billed']} records billed by the sandbox, {seconds:.1f} s")
+    print("\nlook at the data:  uv run python pipelines/demo.py --show")
+
+
+def show() -> None:
+    """Print a few rows of each enriched table."""
+    con = duckdb.connect(str(WAREHOUSE), read_only=True)
+    try:
+        for sql in (
+            f"SELECT key, name, industry, employee_count, location__country FROM {DATASET}.apione_companies ORDER BY key LIMIT 5",
+            f"SELECT key, full_name, title, seniority FROM {DATASET}.apione_people ORDER BY key LIMIT 5",
+            f"SELECT key, deliverability, is_free_provider FROM {DATASET}.apione_email_checks ORDER BY key LIMIT 5",
+            f"SELECT status, count(*) AS n FROM {DATASET}.apione_companies_outcomes GROUP BY 1 ORDER BY 2 DESC",
+            f"SELECT input_pk, reason, detail FROM {DATASET}.apione_companies_rejected LIMIT 5",
+            f"SELECT job_id, type, status, record_count, matched, not_found FROM {DATASET}.apione_jobs ORDER BY submitted_at LIMIT 5",
+        ):
+            print(sql)
+            con.sql(sql).show()
+    finally:
+        con.close()
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--show", action="store_true", help="show the loaded data")
+    parser.add_argument("--reset", action="store_true", help="delete demo_data/ first")
+    args = parser.parse_args()
+    if args.show:
+        show()
+        return
+    if args.reset and DATA_DIR.exists():
+        shutil.rmtree(DATA_DIR)
+    run_demo()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures: local ApiOne sandboxes and a controllable clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from apione_source.sandbox import Sandbox
+
+SANDBOX_API_KEY = "sk_test_sandbox"
+
+
+class FakeClock:
+    """A clock the test moves by hand; pass it as ``Sandbox(clock=...)``."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sandbox_factory() -> Iterator[Callable[..., Sandbox]]:
+    """Start sandboxes with any Sandbox kwargs; all are stopped at teardown."""
+    started: list[Sandbox] = []
+
+    def make(**kwargs: Any) -> Sandbox:
+        sb = Sandbox(**kwargs).start()
+        started.append(sb)
+        return sb
+
+    yield make
+    for sb in started:
+        sb.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_factory: Callable[..., Sandbox]) -> Sandbox:
+    """A growth-plan sandbox whose jobs complete instantly."""
+    return sandbox_factory()
