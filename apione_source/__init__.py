@@ -6,7 +6,27 @@
 >>> run_enrichment(pipeline, apione())  # doctest: +SKIP
 """
 
-from apione_source.client import ApiOneClient, AsyncApiOneClient
-from apione_source.source import apione, run_enrichment
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apione_source.client import ApiOneClient, AsyncApiOneClient
+    from apione_source.source import apione, run_enrichment
 
 __all__ = ["ApiOneClient", "AsyncApiOneClient", "apione", "run_enrichment"]
+
+_EXPORTS = {
+    "ApiOneClient": "apione_source.client",
+    "AsyncApiOneClient": "apione_source.client",
+    "apione": "apione_source.source",
+    "run_enrichment": "apione_source.source",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `python -m apione_source.sandbox` starts without importing dlt.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'apione_source' has no attribute {name!r}")

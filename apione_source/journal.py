@@ -167,9 +167,7 @@ class Journal:
             )
         return intent_id
 
-    def submitted(
-        self, intent_id: str, job_id: str, run_id: str, now: float
-    ) -> JournalJob:
+    def submitted(self, intent_id: str, job_id: str, run_id: str, now: float) -> JournalJob:
         """Turn an intent into an in-flight job, atomically, as soon as the answer arrives."""
         with self._tx() as db:
             row = db.execute(
@@ -220,7 +218,9 @@ class Journal:
 
     def jobs(self, state: str | None = None) -> list[JournalJob]:
         """Jobs in the journal, optionally only those in ``state``, oldest first."""
-        sql = "SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY submitted_at"
+        sql = (
+            "SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY submitted_at"
+        )
         rows = self._db.execute(sql, (state,) if state else ()).fetchall()
         return [
             JournalJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _load_items(r[7]), r[8])

@@ -172,9 +172,7 @@ class Person(_ApiModel):
     last_name: str | None = None
     email: str | None = None
     title: str | None = None
-    seniority: (
-        Literal["owner", "executive", "director", "manager", "senior", "entry"] | None
-    ) = None
+    seniority: Literal["owner", "executive", "director", "manager", "senior", "entry"] | None = None
     department: str | None = None
     linkedin_url: str | None = None
     location: Location | None = None

@@ -71,7 +71,7 @@ class InputReader:
 
     def _client(self) -> SqlClientBase[Any]:
         dataset = dlt.dataset(self.spec.destination, self.spec.dataset)
-        return dataset.sql_client  # type: ignore[no-any-return]
+        return dataset.sql_client
 
     def _select(self, client: SqlClientBase[Any]) -> tuple[str, list[str]]:
         names = [self.spec.primary_key, *self.spec.columns.values()]
@@ -132,7 +132,7 @@ class InputReader:
 
 
 def _to_row(raw: Sequence[Any], fields: list[str], has_cursor: bool) -> InputRow:
-    values = dict(zip(fields, raw[1 : 1 + len(fields)]))
+    values = dict(zip(fields, raw[1 : 1 + len(fields)], strict=True))
     return InputRow(pk=str(raw[0]), values=values, cursor=raw[-1] if has_cursor else None)
 
 
@@ -154,7 +154,9 @@ class KnownKeys:
 
     keys: dict[str, KeyState] = field(default_factory=dict)
 
-    def is_fresh(self, key: str, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta) -> bool:
+    def is_fresh(
+        self, key: str, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
+    ) -> bool:
         """True if ``key`` has a final outcome younger than its TTL."""
         state = self.keys.get(key)
         if state is None or state.status not in FINAL_STATUSES:
@@ -175,7 +177,9 @@ def _aware(ts: datetime) -> datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
-def load_known_keys(pipeline: dlt.Pipeline, names: TableNames, chunk_size: int = 50_000) -> KnownKeys:
+def load_known_keys(
+    pipeline: dlt.Pipeline, names: TableNames, chunk_size: int = 50_000
+) -> KnownKeys:
     """Load every key's latest outcome (and its input rows) from the destination.
 
     Returns an empty index on the first run, when the outcomes table does not exist.
@@ -215,7 +219,9 @@ def _fold(
     is_retry = status not in FINAL_STATUSES
     state = known.keys.get(key)
     if state is None:
-        state = known.keys[key] = KeyState(status, finished_at, job_id, input_, retries=int(is_retry))
+        state = known.keys[key] = KeyState(
+            status, finished_at, job_id, input_, retries=int(is_retry)
+        )
     elif job_id != state.job_id and finished_at >= state.finished_at:
         # a later attempt: count consecutive non-final ones (one per job, not per row)
         state.retries = state.retries + 1 if is_retry else 0

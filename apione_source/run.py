@@ -121,7 +121,9 @@ class _Pending:
 
     def add(self, item: BatchItem, cursor: Any = None) -> None:
         if item.key in self.items:
-            self.items[item.key].pks.extend(p for p in item.pks if p not in self.items[item.key].pks)
+            self.items[item.key].pks.extend(
+                p for p in item.pks if p not in self.items[item.key].pks
+            )
         else:
             self.items[item.key] = item
             if cursor is not None:
@@ -208,8 +210,14 @@ class EnrichmentRun:
         self._reconcile(pipeline, state, journal)
         etype = self.s.enrichment_type.value
         sched = JobScheduler(
-            self.client, journal, etype, self.s.scheduler, self.load_id,
-            clock=self.clock, wall_clock=self.wall_clock, sleep=self.sleep,
+            self.client,
+            journal,
+            etype,
+            self.s.scheduler,
+            self.load_id,
+            clock=self.clock,
+            wall_clock=self.wall_clock,
+            sleep=self.sleep,
         )
         known = KnownKeys()
         pending = _Pending()
@@ -220,7 +228,9 @@ class EnrichmentRun:
             # A previous process died with a submit in the air: it may have been billed.
             self.stats.lost_answers += 1
             lost_reported.append(lost.intent_id)
-            yield self._table(self.s.names.jobs, [self._lost_row(lost.intent_id, lost.items, lost.type)])
+            yield self._table(
+                self.s.names.jobs, [self._lost_row(lost.intent_id, lost.items, lost.type)]
+            )
             for item in lost.items:
                 pending.add(item)
 
@@ -289,7 +299,8 @@ class EnrichmentRun:
         stopped_early = False
 
         for chunk in self.reader.rows(cursor_from):
-            rejected, reused = [], []
+            rejected: list[dict[str, Any]] = []
+            reused: list[dict[str, Any]] = []
             for row in chunk:
                 self.stats.rows_read += 1
                 outcome = self._classify(row, known, now, pending, rejected, reused)
@@ -321,7 +332,9 @@ class EnrichmentRun:
         if cursor_mode:
             # Never move the cursor past a row whose key was not submitted.
             unsent = [c for c in pending.cursors.values() if c is not None]
-            state["cursor"] = min([*unsent, last_cursor]) if unsent and last_cursor is not None else last_cursor
+            state["cursor"] = (
+                min([*unsent, last_cursor]) if unsent and last_cursor is not None else last_cursor
+            )
         self._sync_stats(sched)
 
     def _classify(
@@ -361,7 +374,11 @@ class EnrichmentRun:
             if row.pk not in ks.pks:
                 ks.pks.add(row.pk)
                 self.stats.reused += 1
-                reused.append(self._outcome(key, row.pk, ks.job_id, 0, ks.status, None, ks.input, ks.finished_at))
+                reused.append(
+                    self._outcome(
+                        key, row.pk, ks.job_id, 0, ks.status, None, ks.input, ks.finished_at
+                    )
+                )
             return "fresh"
         cap = self.s.max_records_per_run
         if cap is not None and self._submitted_or_pending(pending) >= cap:
@@ -411,13 +428,15 @@ class EnrichmentRun:
             if len(results) != len(items):
                 logger.error(
                     "job %s: %d results for %d records; it stays in the ledger",
-                    job.job_id, len(results), len(items),
+                    job.job_id,
+                    len(results),
+                    len(items),
                 )
                 raise MalformedResponseError(
                     f"job {job.job_id} returned {len(results)} results for {len(items)} records",
                     job_id=job.job_id,
                 )
-            for item, result in zip(items, _by_index(results)):
+            for item, result in zip(items, _by_index(results), strict=True):
                 status = result.status.value
                 counts[status] += 1
                 err = result.error.message if result.error else None
@@ -431,7 +450,9 @@ class EnrichmentRun:
                 self.stats.expired += len(items)
                 logger.warning(
                     "results of job %s expired before they were collected; resubmitting %d "
-                    "records (this costs credits)", job.job_id, len(items),
+                    "records (this costs credits)",
+                    job.job_id,
+                    len(items),
                 )
             for item in items:
                 if item.attempt < self.s.max_attempts:
@@ -441,7 +462,9 @@ class EnrichmentRun:
                 else:
                     status, err = "error", f"gave up after {item.attempt} attempts: {fin.error}"
                     counts["error"] += 1
-                    known.keys[item.key] = KeyState(status, now, job.job_id, item.record, set(item.pks))
+                    known.keys[item.key] = KeyState(
+                        status, now, job.job_id, item.record, set(item.pks)
+                    )
                 outcomes.extend(self._outcomes(item, job.job_id, status, err, now))
         self.stats.jobs_done += 1
         handled.append(job.job_id)
@@ -455,7 +478,10 @@ class EnrichmentRun:
         self, item: BatchItem, job_id: str, status: str, error: str | None, now: datetime
     ) -> list[dict[str, Any]]:
         pks: list[str | None] = list(item.pks) or [None]
-        return [self._outcome(item.key, pk, job_id, item.attempt, status, error, item.record, now) for pk in pks]
+        return [
+            self._outcome(item.key, pk, job_id, item.attempt, status, error, item.record, now)
+            for pk in pks
+        ]
 
     def _outcome(
         self,

@@ -158,7 +158,9 @@ class JobScheduler:
             False if the wait budget ran out before everything was submitted; the items
             not sent are simply not submitted (the next run finds them again).
         """
-        queue = [items[i : i + self.records_per_job] for i in range(0, len(items), self.records_per_job)]
+        queue = [
+            items[i : i + self.records_per_job] for i in range(0, len(items), self.records_per_job)
+        ]
         while queue:
             batch = queue.pop(0)
             if len(batch) > self.records_per_job:  # the limit shrank under us (413)
@@ -253,9 +255,9 @@ class JobScheduler:
         self._pollers[job.job_id] = asyncio.create_task(self._poll(job, first_look))
 
     def _backoff(self, looks: int) -> float:
-        base = self.settings.poll_min_seconds * (2**looks)
+        base = self.settings.poll_min_seconds * 2.0**looks
         capped = min(self.settings.poll_max_seconds, max(self.settings.poll_min_seconds, base))
-        return capped * self.rng.uniform(0.8, 1.2)
+        return float(capped * self.rng.uniform(0.8, 1.2))
 
     async def _poll(self, job: JournalJob, first_look: float) -> None:
         delay, looks = first_look, 0

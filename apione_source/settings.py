@@ -41,6 +41,4 @@ def get_plan(name: str) -> Plan:
     try:
         return PLANS[name.strip().lower()]
     except KeyError:
-        raise ConfigurationError(
-            f"unknown plan {name!r}: use one of {', '.join(PLANS)}"
-        ) from None
+        raise ConfigurationError(f"unknown plan {name!r}: use one of {', '.join(PLANS)}") from None

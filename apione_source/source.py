@@ -142,7 +142,8 @@ def apione(
     """
     if not api_key or not str(api_key).strip():
         raise ConfigurationError(
-            "sources.apione.api_key is empty: set it in .dlt/secrets.toml or SOURCES__APIONE__API_KEY"
+            "sources.apione.api_key is empty: set it in .dlt/secrets.toml "
+            "or the env var SOURCES__APIONE__API_KEY"
         )
     etype = _enrichment_type(enrichment_type)
     the_plan = get_plan(plan)
@@ -151,7 +152,9 @@ def apione(
         raise ConfigurationError(f"records_per_job must be 1..{MAX_RECORDS_PER_JOB}, got {per_job}")
     slots = concurrent_jobs or the_plan.concurrent_jobs
     if slots < 1 or max_attempts < 1 or wait_budget_seconds < 0:
-        raise ConfigurationError("concurrent_jobs and max_attempts must be >= 1, wait_budget_seconds >= 0")
+        raise ConfigurationError(
+            "concurrent_jobs and max_attempts must be >= 1, wait_budget_seconds >= 0"
+        )
     names = TableNames(table_prefix, etype)
     destination = input_destination
     if input_credentials is not None and isinstance(input_destination, str):

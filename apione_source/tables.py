@@ -23,10 +23,9 @@ import json
 from datetime import datetime, timezone
 from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel
-
 from dlt.common.libs.pydantic import pydantic_to_table_schema_columns
 from dlt.common.schema.typing import TTableSchemaColumns
+from pydantic import BaseModel
 
 from apione_source.models import PAYLOAD_MODELS, EnrichmentType, RecordResult
 
@@ -57,8 +56,18 @@ def utc_from_timestamp(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
-def _ts_column(name: str, nullable: bool = True) -> dict[str, Any]:
-    return {"name": name, "data_type": "timestamp", "nullable": nullable}
+def _columns(spec: str) -> TTableSchemaColumns:
+    """Columns from ``"name:type name:type! ..."`` (``!`` marks NOT NULL)."""
+    columns: TTableSchemaColumns = {}
+    for part in spec.split():
+        name, data_type = part.split(":")
+        required = data_type.endswith("!")
+        columns[name] = {
+            "name": name,
+            "data_type": data_type.rstrip("!"),  # type: ignore[typeddict-item]
+            "nullable": not required,
+        }
+    return columns
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -79,65 +88,37 @@ def enrichment_columns(enrichment_type: EnrichmentType) -> TTableSchemaColumns:
     child tables (``<table>__tags``) that dbt can join without JSON functions.
     """
     model = PAYLOAD_MODELS[enrichment_type]
-    columns: dict[str, Any] = {}
+    columns: TTableSchemaColumns = {}
     for name, col in pydantic_to_table_schema_columns(model).items():
         nested = _nested_model(model.model_fields[name].annotation)
         if nested is not None:
             # type the flattened columns too, so all-null ones still materialize
             for sub, sub_col in pydantic_to_table_schema_columns(nested).items():
                 if sub_col.get("data_type") != "json":
-                    columns[f"{name}__{sub}"] = {**sub_col, "name": f"{name}__{sub}", "nullable": True}
+                    columns[f"{name}__{sub}"] = {
+                        **sub_col,
+                        "name": f"{name}__{sub}",
+                        "nullable": True,
+                    }
         elif col.get("data_type") != "json":
             columns[name] = col
-    columns.update(
-        {
-            "key": {"name": "key", "data_type": "text", "nullable": False},
-            "job_id": {"name": "job_id", "data_type": "text", "nullable": False},
-            "enriched_at": _ts_column("enriched_at", nullable=False),
-            "data_hash": {"name": "data_hash", "data_type": "text"},
-        }
-    )
-    return columns  # type: ignore[return-value]
+    columns.update(_columns("key:text! job_id:text! enriched_at:timestamp! data_hash:text"))
+    return columns
 
 
-JOB_COLUMNS: TTableSchemaColumns = {
-    "job_id": {"name": "job_id", "data_type": "text", "nullable": False},
-    "type": {"name": "type", "data_type": "text"},
-    "status": {"name": "status", "data_type": "text"},
-    "record_count": {"name": "record_count", "data_type": "bigint"},
-    "attempt": {"name": "attempt", "data_type": "bigint"},
-    "submitted_at": _ts_column("submitted_at"),  # type: ignore[typeddict-item]
-    "completed_at": _ts_column("completed_at"),  # type: ignore[typeddict-item]
-    "expires_at": _ts_column("expires_at"),  # type: ignore[typeddict-item]
-    "error": {"name": "error", "data_type": "text"},
-    "submitted_in_load": {"name": "submitted_in_load", "data_type": "text"},
-    "updated_in_load": {"name": "updated_in_load", "data_type": "text"},
-    "matched": {"name": "matched", "data_type": "bigint"},
-    "not_found": {"name": "not_found", "data_type": "bigint"},
-    "invalid": {"name": "invalid", "data_type": "bigint"},
-    "errors": {"name": "errors", "data_type": "bigint"},
-}
-
-OUTCOME_COLUMNS: TTableSchemaColumns = {
-    "outcome_id": {"name": "outcome_id", "data_type": "text", "nullable": False},
-    "input_pk": {"name": "input_pk", "data_type": "text"},
-    "key": {"name": "key", "data_type": "text", "nullable": False},
-    "job_id": {"name": "job_id", "data_type": "text"},
-    "attempt": {"name": "attempt", "data_type": "bigint"},
-    "status": {"name": "status", "data_type": "text", "nullable": False},
-    "error": {"name": "error", "data_type": "text"},
-    "input": {"name": "input", "data_type": "json"},
-    "finished_at": _ts_column("finished_at", nullable=False),  # type: ignore[typeddict-item]
-    "load_id": {"name": "load_id", "data_type": "text"},
-}
-
-REJECTED_COLUMNS: TTableSchemaColumns = {
-    "input_pk": {"name": "input_pk", "data_type": "text", "nullable": False},
-    "reason": {"name": "reason", "data_type": "text", "nullable": False},
-    "detail": {"name": "detail", "data_type": "text"},
-    "rejected_at": _ts_column("rejected_at", nullable=False),  # type: ignore[typeddict-item]
-    "load_id": {"name": "load_id", "data_type": "text"},
-}
+JOB_COLUMNS = _columns(
+    "job_id:text! type:text status:text record_count:bigint attempt:bigint "
+    "submitted_at:timestamp completed_at:timestamp expires_at:timestamp error:text "
+    "submitted_in_load:text updated_in_load:text "
+    "matched:bigint not_found:bigint invalid:bigint errors:bigint"
+)
+OUTCOME_COLUMNS = _columns(
+    "outcome_id:text! input_pk:text key:text! job_id:text attempt:bigint status:text! "
+    "error:text input:json finished_at:timestamp! load_id:text"
+)
+REJECTED_COLUMNS = _columns(
+    "input_pk:text! reason:text! detail:text rejected_at:timestamp! load_id:text"
+)
 
 
 def outcome_id(job_id: str | None, input_pk: str | None, key: str) -> str:

@@ -50,11 +50,13 @@ from apione_source.tables import TableNames, enrichment_row, outcome_id
 API_KEY = "sk_test_bench"
 PLAN = "scale"
 RECORDS_PER_JOB = 1000
+CONCURRENT_JOBS = 50
+TABLE_PREFIX = "apione_"
 INPUT_DATASET = "crm"
 INPUT_TABLE = "companies"
 OUTPUT_DATASET = "apione"
 ETYPE = EnrichmentType.COMPANY
-NAMES = TableNames("apione_", ETYPE)
+NAMES = TableNames(TABLE_PREFIX, ETYPE)
 
 
 # --- results -----------------------------------------------------------------------------
@@ -172,7 +174,6 @@ def _pipeline(name: str, workdir: Path, db_path: Path) -> dlt.Pipeline:
         pipelines_dir=str(workdir / "pipelines"),
         destination=dlt.destinations.duckdb(str(db_path)),
         dataset_name=OUTPUT_DATASET,
-        progress=None,
     )
 
 
@@ -188,15 +189,28 @@ def run_connector(workdir: Path, input_db: Path, n: int) -> ConnectorRun:
     out_db = workdir / "connector.duckdb"
     with Sandbox(plan=PLAN, api_key=API_KEY) as sandbox:
         pipeline = _pipeline("bench_connector", workdir, out_db)
+        # Every setting that shapes the run is explicit, so the project's
+        # .dlt/config.toml (e.g. input_columns, plan) cannot change what is measured.
         source = apione(
             api_key=API_KEY,
             enrichment_type=ETYPE.value,
             input_table=INPUT_TABLE,
             primary_key="id",
+            input_columns={"domain": "domain"},
             input_dataset=INPUT_DATASET,
             input_destination=dlt.destinations.duckdb(str(input_db)),
             base_url=sandbox.base_url,
             plan=PLAN,
+            records_per_job=RECORDS_PER_JOB,
+            concurrent_jobs=CONCURRENT_JOBS,
+            wait_budget_seconds=3600.0,
+            max_attempts=3,
+            max_records_per_run=None,
+            cursor_column=None,
+            webhook_url=None,
+            chunk_size=10_000,
+            table_prefix=TABLE_PREFIX,
+            scd2=False,
         )
         t0 = time.perf_counter()
         run_enrichment(pipeline, source)
@@ -400,7 +414,8 @@ def benchmark(n: int, repeat: int, root: Path, log: Any) -> Report:
             r.records_billed == n and r.max_billed_per_key == 1 for r in connector_runs
         ),
         rows_match=all(
-            c.rows_loaded == b.rows_loaded for c, b in zip(connector_runs, baseline_runs)
+            c.rows_loaded == b.rows_loaded
+            for c, b in zip(connector_runs, baseline_runs, strict=True)
         ),
         connector_rows=best_c.rows_loaded,
         baseline_rows=best_b.rows_loaded,
@@ -426,7 +441,8 @@ def print_table(r: Report) -> None:
     )
     print()
     print(
-        f"best of {r.repeat}: connector {r.connector_seconds:.2f}s, baseline {r.baseline_seconds:.2f}s"
+        f"best of {r.repeat}: connector {r.connector_seconds:.2f}s, "
+        f"baseline {r.baseline_seconds:.2f}s"
     )
     print(f"connector phases: {_fmt_phases(r.connector_phases)}")
     print(f"baseline  phases: {_fmt_phases(r.baseline_phases)}")

@@ -34,8 +34,16 @@ DATASET = "enriched"
 # (enrichment type, input table, ApiOne field -> column)
 JOBS = [
     ("company", "companies", {"domain": "website"}),
-    ("people", "people", {"email": "email", "first_name": "first_name",
-                          "last_name": "last_name", "domain": "company_domain"}),
+    (
+        "people",
+        "people",
+        {
+            "email": "email",
+            "first_name": "first_name",
+            "last_name": "last_name",
+            "domain": "company_domain",
+        },
+    ),
     ("email", "contacts", {"email": "email"}),
 ]
 
@@ -52,7 +60,8 @@ def create_warehouse(path: Path) -> None:
             SELECT i AS id,
                    'Company ' || i AS name,
                    CASE
-                       WHEN i % 61 = 0 THEN (['', 'not a domain', NULL, 'localhost'])[1 + (i // 61) % 4]
+                       WHEN i % 61 = 0
+                           THEN (['', 'not a domain', NULL, 'localhost'])[1 + (i // 61) % 4]
                        WHEN i % 9 = 0 THEN 'https://www.Company' || (i - 1) || '.example.com/about'
                        ELSE 'company' || i || '.example.com'
                    END AS website,
@@ -122,8 +131,9 @@ def run_demo() -> None:
     log.propagate = False
     started = time.monotonic()
     # Jobs take about a second plus a little per record, as a real API would.
-    with Sandbox(plan="growth", api_key=API_KEY, job_seconds_base=0.5,
-                 job_seconds_per_record=0.001, seed=7) as sandbox:
+    with Sandbox(
+        plan="growth", api_key=API_KEY, job_seconds_base=0.5, job_seconds_per_record=0.001, seed=7
+    ) as sandbox:
         print(f"ApiOne sandbox at {sandbox.base_url}")
         for etype, table, columns in JOBS:
             handler = _ProgressHandler(etype)
@@ -171,22 +181,28 @@ def _print_summary(usage: dict[str, object], seconds: float) -> None:
     finally:
         con.close()
     print("jobs in the ledger: " + ", ".join(f"{s} {n}" for s, n in jobs))
-    print(f"this run: {usage['jobs_created']} jobs created, "
-          f"{usage['records_billed']} records billed by the sandbox, {seconds:.1f} s")
+    print(
+        f"this run: {usage['jobs_created']} jobs created, "
+        f"{usage['records_billed']} records billed by the sandbox, {seconds:.1f} s"
+    )
     print("\nlook at the data:  uv run python pipelines/demo.py --show")
 
 
 def show() -> None:
     """Print a few rows of each enriched table."""
     con = duckdb.connect(str(WAREHOUSE), read_only=True)
+    con.execute(f"SET search_path = '{DATASET}'")
     try:
         for sql in (
-            f"SELECT key, name, industry, employee_count, location__country FROM {DATASET}.apione_companies ORDER BY key LIMIT 5",
-            f"SELECT key, full_name, title, seniority FROM {DATASET}.apione_people ORDER BY key LIMIT 5",
-            f"SELECT key, deliverability, is_free_provider FROM {DATASET}.apione_email_checks ORDER BY key LIMIT 5",
-            f"SELECT status, count(*) AS n FROM {DATASET}.apione_companies_outcomes GROUP BY 1 ORDER BY 2 DESC",
-            f"SELECT input_pk, reason, detail FROM {DATASET}.apione_companies_rejected LIMIT 5",
-            f"SELECT job_id, type, status, record_count, matched, not_found FROM {DATASET}.apione_jobs ORDER BY submitted_at LIMIT 5",
+            "SELECT key, name, industry, employee_count, location__country"
+            " FROM apione_companies ORDER BY key LIMIT 5",
+            "SELECT key, full_name, title, seniority FROM apione_people ORDER BY key LIMIT 5",
+            "SELECT key, deliverability, is_free_provider"
+            " FROM apione_email_checks ORDER BY key LIMIT 5",
+            "SELECT status, count(*) AS n FROM apione_companies_outcomes GROUP BY 1 ORDER BY 2",
+            "SELECT input_pk, reason, detail FROM apione_companies_rejected LIMIT 5",
+            "SELECT job_id, type, status, record_count, matched, not_found"
+            " FROM apione_jobs ORDER BY submitted_at LIMIT 5",
         ):
             print(sql)
             con.sql(sql).show()
@@ -196,7 +212,9 @@ def show() -> None:
 
 def main() -> None:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--show", action="store_true", help="show the loaded data")
     parser.add_argument("--reset", action="store_true", help="delete demo_data/ first")
     args = parser.parse_args()

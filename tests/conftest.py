@@ -12,6 +12,23 @@ from apione_source.sandbox import Sandbox
 SANDBOX_API_KEY = "sk_test_sandbox"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run suites marked slow (crash matrix, chaos, warehouses); CI does",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 class FakeClock:
     """A clock the test moves by hand; pass it as ``Sandbox(clock=...)``."""
 
