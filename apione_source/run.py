@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 import dlt
 
 from apione_source.client import AsyncApiOneClient
-from apione_source.errors import MalformedResponseError
 from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
@@ -186,6 +185,7 @@ class EnrichmentRun:
             self.loop.close()
 
     def _reconcile(self, pipeline: dlt.Pipeline, state: dict[str, Any], journal: Journal) -> None:
+        state.pop("stop_error", None)
         fetched = journal.jobs(FETCHED)
         done = confirmed_loads(pipeline, sorted({j.load_id for j in fetched if j.load_id}))
         journal.forget([j.job_id for j in fetched if j.load_id in done])
@@ -243,7 +243,7 @@ class EnrichmentRun:
         # 2. collect carried-over jobs first
         while (fin := self._await(sched.next_finished())) is not None:
             yield from self._handle(fin, known, pending, handled)
-        if sched.in_flight or sched.remaining <= 0:
+        if sched.in_flight or sched.remaining <= 0 or sched.stop_error:
             logger.warning(
                 "%d carried-over job(s) still running; submitting nothing new this run",
                 len(sched.in_flight),
@@ -253,7 +253,12 @@ class EnrichmentRun:
 
         # 4. wait for everything still running, resubmitting retries while budget lasts
         while True:
-            if pending.items and sched.remaining > 0 and self._cap_left(sched) > 0:
+            if (
+                pending.items
+                and sched.remaining > 0
+                and self._cap_left(sched) > 0
+                and not sched.stop_error
+            ):
                 self._await(sched.submit(pending.take(self._cap_left(sched))))
             fin = self._await(sched.next_finished())
             if fin is None:
@@ -264,6 +269,14 @@ class EnrichmentRun:
         if lost_rows:
             yield self._table(self.s.names.jobs, lost_rows)
         self._finish(state, journal, sched, handled, lost_reported)
+        if sched.stop_error is not None:
+            # Finish the extract so everything collected is loaded; run_enrichment raises
+            # this after the load.
+            logger.error("run stopped: %s", sched.stop_error)
+            state["stop_error"] = {
+                "type": type(sched.stop_error).__name__,
+                "message": sched.stop_error.message,
+            }
         in_flight_rows = [self._in_flight_row(j) for j in journal.jobs(IN_FLIGHT)]
         if in_flight_rows:
             yield self._table(self.s.names.jobs, in_flight_rows)
@@ -426,16 +439,14 @@ class EnrichmentRun:
         if fin.kind == COMPLETED and fin.results is not None:
             results = fin.results.results
             if len(results) != len(items):
+                # Not ours to guess: leave the job in flight for the next run to look at.
                 logger.error(
-                    "job %s: %d results for %d records; it stays in the ledger",
+                    "job %s returned %d results for %d records; it stays in the ledger",
                     job.job_id,
                     len(results),
                     len(items),
                 )
-                raise MalformedResponseError(
-                    f"job {job.job_id} returned {len(results)} results for {len(items)} records",
-                    job_id=job.job_id,
-                )
+                return
             for item, result in zip(items, _by_index(results), strict=True):
                 status = result.status.value
                 counts[status] += 1

@@ -28,6 +28,7 @@ from apione_source.errors import (
     ResultsExpiredError,
     RetryableError,
     ShrinkBatchError,
+    StopRunError,
     SubmitOutcomeUnknownError,
     WaitForCapacityError,
 )
@@ -123,8 +124,13 @@ class JobScheduler:
         self.records_per_job = self.settings.records_per_job
         self.finished: asyncio.Queue[Finished] = asyncio.Queue()
         self.lost: list[LostAnswer] = []
+        # Set when ApiOne answers 401/402: nothing more is sent or polled this run.
+        self.stop_error: StopRunError | None = None
         self.counters = _Counters()
-        self._slots = asyncio.Semaphore(self.settings.concurrent_jobs)
+        # Jobs of ours queued or processing on the server. Carried-over jobs count too,
+        # so a condition, not a semaphore: there may briefly be more than the limit.
+        self._active = 0
+        self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
         # key -> item of every job being polled, so a late duplicate row joins its job
         self.in_flight_items: dict[str, BatchItem] = {}
@@ -171,29 +177,40 @@ class JobScheduler:
                 continue
             if not await self._acquire_slot():
                 return False
-            outcome = await self._submit_one(batch)
+            try:
+                outcome, wait = await self._submit_one(batch)
+            except StopRunError as exc:
+                await self._release_slot()
+                self.stop_error = exc
+                return False
             if outcome == "sent":
                 continue
-            self._slots.release()
-            if outcome == "shrink":
-                queue.insert(0, batch)
-            elif outcome == "wait":
-                if not await self._wait(self._capacity_wait):
-                    return False
-                queue.insert(0, batch)
-            elif outcome == "lost":
-                queue.insert(0, batch)  # resubmitted: the one accepted double payment
+            await self._release_slot()
+            # shrink, lost (resubmitted: the one accepted double payment) or wait for capacity
+            queue.insert(0, batch)
+            if wait and not await self._wait(wait):
+                return False
         return True
 
     async def _acquire_slot(self) -> bool:
         remaining = self.remaining
-        if remaining <= 0:
+        if remaining <= 0 or self.stop_error is not None:
             return False
+        limit = self.settings.concurrent_jobs
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=remaining)
+            async with self._slot_freed:
+                await asyncio.wait_for(
+                    self._slot_freed.wait_for(lambda: self._active < limit), timeout=remaining
+                )
         except asyncio.TimeoutError:
             return False
+        self._active += 1
         return True
+
+    async def _release_slot(self) -> None:
+        async with self._slot_freed:
+            self._active -= 1
+            self._slot_freed.notify()
 
     async def _wait(self, seconds: float) -> bool:
         if seconds >= self.remaining:
@@ -201,7 +218,8 @@ class JobScheduler:
         await self.sleep(seconds)
         return True
 
-    async def _submit_one(self, batch: list[BatchItem]) -> str:
+    async def _submit_one(self, batch: list[BatchItem]) -> tuple[str, float]:
+        """Send one batch. Returns what happened and how long to wait before retrying."""
         attempt = max(i.attempt for i in batch)
         intent = self.journal.begin_submit(self.enrichment_type, attempt, batch, self.wall_clock())
         try:
@@ -213,19 +231,18 @@ class JobScheduler:
             limit = exc.limit or max(1, len(batch) // 2)
             logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
             self.records_per_job = min(self.records_per_job, limit)
-            return "shrink"
+            return "shrink", 0.0
         except WaitForCapacityError as exc:
             self.journal.abandon(intent)
             self.counters.capacity_waits += 1
-            self._capacity_wait = exc.retry_after or 1.0
-            return "wait"
+            return "wait", exc.retry_after or 1.0
         except SubmitOutcomeUnknownError as exc:
             # The job may exist and be billed; the intent stays in the journal until the
             # ledger row that reports it is loaded.
             self.counters.lost_answers += 1
             self.lost.append(LostAnswer(intent, batch, str(exc)))
             logger.warning("submit outcome unknown, resubmitting %d records: %s", len(batch), exc)
-            return "lost"
+            return "lost", self.settings.poll_min_seconds
         except BaseException:
             # Anything else was answered by the server (4xx) or never sent: no job exists.
             self.journal.abandon(intent)
@@ -234,19 +251,13 @@ class JobScheduler:
         self.counters.submitted_jobs += 1
         self.counters.submitted_records += len(batch)
         self._start_polling(job, first_look=float(answer.estimated_completion_seconds))
-        return "sent"
-
-    _capacity_wait: float = 1.0
+        return "sent", 0.0
 
     # --- polling ---------------------------------------------------------------------------
 
     def track(self, job: JournalJob) -> None:
         """Poll a job submitted by an earlier run; it occupies a slot until it ends."""
-        if self._slots.locked():
-            logger.warning("more carried-over jobs than the plan's concurrency; polling all")
-        else:
-            # Semaphore.acquire() cannot block here: a free slot exists.
-            self._slots._value -= 1
+        self._active += 1
         self._start_polling(job, first_look=0.0)
 
     def _start_polling(self, job: JournalJob, first_look: float) -> None:
@@ -262,11 +273,13 @@ class JobScheduler:
     async def _poll(self, job: JournalJob, first_look: float) -> None:
         delay, looks = first_look, 0
         while True:
-            if delay >= self.remaining:
+            remaining = self.remaining
+            if remaining <= 0 or self.stop_error is not None:
+                # Carried over. Its slot stays taken: the job still runs on the server.
                 self.counters.carried_over += 1
-                return  # not our slot to free: the job still runs on the server
+                return
             if delay > 0:
-                await self.sleep(delay)
+                await self.sleep(min(delay, remaining))
             looks += 1
             delay = self._backoff(looks)
             try:
@@ -279,8 +292,11 @@ class JobScheduler:
                 logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
                 self.counters.carried_over += 1
                 return
+            except StopRunError as exc:
+                self.stop_error = exc
+                return
             if end is not None:
-                self._slots.release()
+                await self._release_slot()
                 for item in job.items or ():
                     self.in_flight_items.pop(item.key, None)
                 await self.finished.put(end)
@@ -311,7 +327,8 @@ class JobScheduler:
         while True:
             if not self.finished.empty():
                 return self.finished.get_nowait()
-            if not self.in_flight:
+            self._raise_poller_crash()
+            if not self.in_flight or self.stop_error is not None:
                 return None
             getter = asyncio.ensure_future(self.finished.get())
             pollers = set(self._pollers.values())
@@ -319,6 +336,12 @@ class JobScheduler:
             if getter in done:
                 return getter.result()
             getter.cancel()
+
+    def _raise_poller_crash(self) -> None:
+        """Re-raise a bug in a poll task instead of silently carrying its job over."""
+        for task in self._pollers.values():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     def drain_ready(self) -> list[Finished]:
         """Finished jobs already waiting, without blocking."""

@@ -17,7 +17,12 @@ from dlt.common.destination.reference import TDestinationReferenceArg
 from dlt.extract.resource import DltResource
 
 from apione_source.client import AsyncApiOneClient
-from apione_source.errors import ConfigurationError
+from apione_source.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    InsufficientCreditsError,
+    StopRunError,
+)
 from apione_source.models import EnrichmentType
 from apione_source.reader import InputReader, InputSpec
 from apione_source.run import EnrichmentRun, RunSettings
@@ -237,7 +242,25 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
 
     Returns:
         The ``LoadInfo`` of the run that extracted ``source``.
+
+    Raises:
+        AuthenticationError: ApiOne answered 401; what was collected is loaded first.
+        InsufficientCreditsError: ApiOne answered 402; what was collected is loaded first.
     """
     if pipeline.has_pending_data:
         pipeline.run()
-    return pipeline.run(source, **run_kwargs)
+    info = pipeline.run(source, **run_kwargs)
+    stop = (
+        pipeline.state.get("sources", {})
+        .get(source.name, {})
+        .get("resources", {})
+        .get("enrichment", {})
+        .get("stop_error")
+    )
+    if stop:
+        error_class = {
+            "AuthenticationError": AuthenticationError,
+            "InsufficientCreditsError": InsufficientCreditsError,
+        }.get(stop["type"], StopRunError)
+        raise error_class(stop["message"])
+    return info
