@@ -66,12 +66,15 @@ class BatchItem:
         record: The record sent to ApiOne.
         pks: Primary keys of the input rows carrying this key (JSON-safe strings).
         attempt: Which attempt this is for the key (1 = first submit).
+        cursor: Cursor value of the first input row with this key (not journaled: only
+            used to keep the input cursor from passing an unsent key).
     """
 
     key: str
     record: dict[str, Any]
     pks: list[str] = field(default_factory=list)
     attempt: int = 1
+    cursor: Any = None
 
     def to_json(self) -> list[Any]:
         """Compact JSON form for the journal."""

@@ -116,23 +116,21 @@ class _Pending:
     """Unique keys waiting to be submitted, in arrival order."""
 
     items: dict[str, BatchItem] = field(default_factory=dict)
-    cursors: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, item: BatchItem, cursor: Any = None) -> None:
-        if item.key in self.items:
-            self.items[item.key].pks.extend(
-                p for p in item.pks if p not in self.items[item.key].pks
-            )
-        else:
+    def add(self, item: BatchItem) -> None:
+        known = self.items.get(item.key)
+        if known is None:
             self.items[item.key] = item
-            if cursor is not None:
-                self.cursors[item.key] = cursor
+        else:
+            known.pks.extend(p for p in item.pks if p not in known.pks)
 
     def take(self, n: int) -> list[BatchItem]:
         keys = list(self.items)[:n]
-        for k in keys:
-            self.cursors.pop(k, None)
         return [self.items.pop(k) for k in keys]
+
+    def min_cursor(self) -> Any:
+        cursors = [i.cursor for i in self.items.values() if i.cursor is not None]
+        return min(cursors) if cursors else None
 
 
 class EnrichmentRun:
@@ -259,7 +257,9 @@ class EnrichmentRun:
                 and self._cap_left(sched) > 0
                 and not sched.stop_error
             ):
-                self._await(sched.submit(pending.take(self._cap_left(sched))))
+                unsent = self._await(sched.submit(pending.take(self._cap_left(sched))))
+                for item in unsent:
+                    pending.add(item)
             fin = self._await(sched.next_finished())
             if fin is None:
                 break
@@ -269,6 +269,9 @@ class EnrichmentRun:
         if lost_rows:
             yield self._table(self.s.names.jobs, lost_rows)
         self._finish(state, journal, sched, handled, lost_reported)
+        unsent_cursor = pending.min_cursor()
+        if unsent_cursor is not None and state.get("cursor") is not None:
+            state["cursor"] = min(state["cursor"], unsent_cursor)
         if sched.stop_error is not None:
             # Finish the extract so everything collected is loaded; run_enrichment raises
             # this after the load.
@@ -301,10 +304,9 @@ class EnrichmentRun:
         pending: _Pending,
         handled: list[str],
     ) -> Iterator[Any]:
-        fetched_now = known.keys
-        known = load_known_keys(pipeline, self.s.names)
-        known.keys.update(fetched_now)  # what this run already collected wins
-        self._known = known
+        collected_now = dict(known.keys)
+        known.keys = load_known_keys(pipeline, self.s.names).keys
+        known.keys.update(collected_now)  # what this run already collected wins
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
         cursor_from = state.get("cursor") if cursor_mode else None
@@ -326,7 +328,10 @@ class EnrichmentRun:
             if reused:
                 yield self._table(self.s.names.outcomes, reused)
             while len(pending.items) >= sched.records_per_job:
-                if not self._await(sched.submit(pending.take(sched.records_per_job))):
+                unsent = self._await(sched.submit(pending.take(sched.records_per_job)))
+                for item in unsent:
+                    pending.add(item)
+                if unsent:
                     stopped_early = True
                     break
                 self._sync_stats(sched)
@@ -340,14 +345,12 @@ class EnrichmentRun:
         if cursor_mode and not stopped_early:
             # With a cursor only changed rows are read: stale keys come from the history.
             for key, ks in known.stale(now, self.s.ttl_matched, self.s.ttl_not_found):
-                if key not in pending.items and ks.input and ks.job_id not in sched.in_flight:
+                if ks.input and key not in sched.in_flight_items:
                     pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
-            # Never move the cursor past a row whose key was not submitted.
-            unsent = [c for c in pending.cursors.values() if c is not None]
-            state["cursor"] = (
-                min([*unsent, last_cursor]) if unsent and last_cursor is not None else last_cursor
-            )
+            # Never move the cursor past a row whose key was read but not yet submitted;
+            # the end of the run (_finish) moves it back if keys stay unsent.
+            state["cursor"] = last_cursor
         self._sync_stats(sched)
 
     def _classify(
@@ -394,16 +397,13 @@ class EnrichmentRun:
                 )
             return "fresh"
         cap = self.s.max_records_per_run
-        if cap is not None and self._submitted_or_pending(pending) >= cap:
+        if cap is not None and self.stats.records_submitted + len(pending.items) >= cap:
             return "cap"
         attempt = ks.retries + 1 if ks is not None and ks.status not in FINAL_STATUSES else 1
-        pending.add(BatchItem(key, norm.record, [row.pk], attempt), row.cursor)
+        pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))
         return "new"
 
     _in_flight_items: dict[str, BatchItem] = {}
-
-    def _submitted_or_pending(self, pending: _Pending) -> int:
-        return self.stats.records_submitted + len(pending.items)
 
     def _sync_stats(self, sched: JobScheduler) -> None:
         c = sched.counters

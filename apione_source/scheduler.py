@@ -157,40 +157,32 @@ class JobScheduler:
 
     # --- submitting ----------------------------------------------------------------------
 
-    async def submit(self, items: list[BatchItem]) -> bool:
+    async def submit(self, items: list[BatchItem]) -> list[BatchItem]:
         """Submit ``items`` as one or more jobs, waiting for free slots.
 
         Returns:
-            False if the wait budget ran out before everything was submitted; the items
-            not sent are simply not submitted (the next run finds them again).
+            The items not submitted because the wait budget ran out or the run must
+            stop (empty when everything was sent).
         """
-        queue = [
-            items[i : i + self.records_per_job] for i in range(0, len(items), self.records_per_job)
-        ]
-        while queue:
-            batch = queue.pop(0)
-            if len(batch) > self.records_per_job:  # the limit shrank under us (413)
-                queue[:0] = [
-                    batch[i : i + self.records_per_job]
-                    for i in range(0, len(batch), self.records_per_job)
-                ]
-                continue
+        unsent = list(items)
+        while unsent:
+            batch = unsent[: self.records_per_job]  # re-read: a 413 may shrink it
             if not await self._acquire_slot():
-                return False
+                return unsent
             try:
                 outcome, wait = await self._submit_one(batch)
             except StopRunError as exc:
                 await self._release_slot()
                 self.stop_error = exc
-                return False
+                return unsent
             if outcome == "sent":
+                del unsent[: len(batch)]
                 continue
-            await self._release_slot()
             # shrink, lost (resubmitted: the one accepted double payment) or wait for capacity
-            queue.insert(0, batch)
+            await self._release_slot()
             if wait and not await self._wait(wait):
-                return False
-        return True
+                return unsent
+        return []
 
     async def _acquire_slot(self) -> bool:
         remaining = self.remaining
