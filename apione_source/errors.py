@@ -4,6 +4,7 @@
 
     ApiOneError
     ├── ConfigurationError        fix the configuration; raised before any API call
+    ├── ConcurrentRunError        wait: another run of the same pipeline is in progress
     ├── RetryableError            retry later with backoff (the client already did)
     │   ├── RateLimitedError      429 rate_limited
     │   ├── ServerError           500 / 503
@@ -58,6 +59,10 @@ class ApiOneError(Exception):
 
 class ConfigurationError(ApiOneError, ValueError):
     """The source is misconfigured; the message says what to fix."""
+
+
+class ConcurrentRunError(ApiOneError):
+    """Another run of the same pipeline holds the journal; run one at a time."""
 
 
 class RetryableError(ApiOneError):

@@ -23,6 +23,7 @@ state (restored from the destination) still holds the in-flight job ids, see
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import uuid
@@ -31,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from apione_source.errors import ConcurrentRunError
 
 IN_FLIGHT = "in_flight"
 FETCHED = "fetched"
@@ -131,9 +134,25 @@ class Journal:
     FILE_NAME = "apione_journal.sqlite"
 
     def __init__(self, path: str | Path) -> None:
-        """Open (creating if needed) the journal at ``path``."""
+        """Open (creating if needed) the journal at ``path``, locking it for this run.
+
+        Raises:
+            ConcurrentRunError: Another process holds the journal (a run of the same
+                pipeline is in progress): two runs would submit the same records.
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock is released by the OS when the process dies, so a SIGKILL never
+        # leaves a stale lock behind.
+        self._lock = open(self.path.with_suffix(".lock"), "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ConcurrentRunError(
+                f"another run of this pipeline holds {self.path}: run one at a time per "
+                "pipeline name and working directory"
+            ) from None
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -141,8 +160,9 @@ class Journal:
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database and release the run lock."""
         self._db.close()
+        self._lock.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
