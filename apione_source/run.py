@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import dlt
 
+from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
 from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob
 from apione_source.models import EnrichmentType, RecordResult
@@ -54,7 +55,6 @@ from apione_source.tables import (
     FINAL_STATUSES,
     TableNames,
     enrichment_row,
-    outcome_id,
     utc_from_timestamp,
 )
 
@@ -227,14 +227,14 @@ class EnrichmentRun:
             self.stats.lost_answers += 1
             lost_reported.append(lost.intent_id)
             yield self._table(
-                self.s.names.jobs, [self._lost_row(lost.intent_id, lost.items, lost.type)]
+                self.s.names.jobs,
+                [ledger.lost_job_row(lost.intent_id, lost.items, lost.type, self.load_id)],
             )
             for item in lost.items:
                 pending.add(item)
 
         carried = journal.jobs(IN_FLIGHT)
-        for job in carried:
-            sched.track(job)
+        self._await(sched.track(carried))
         if carried:
             logger.info("collecting %d job(s) carried over from earlier runs", len(carried))
 
@@ -265,7 +265,10 @@ class EnrichmentRun:
                 break
             yield from self._handle(fin, known, pending, handled)
 
-        lost_rows = [self._lost_row(lost.intent_id, lost.items, etype) for lost in sched.lost]
+        lost_rows = [
+            ledger.lost_job_row(lost.intent_id, lost.items, etype, self.load_id)
+            for lost in sched.lost
+        ]
         if lost_rows:
             yield self._table(self.s.names.jobs, lost_rows)
         self._finish(state, journal, sched, handled, lost_reported)
@@ -280,7 +283,9 @@ class EnrichmentRun:
                 "type": type(sched.stop_error).__name__,
                 "message": sched.stop_error.message,
             }
-        in_flight_rows = [self._in_flight_row(j) for j in journal.jobs(IN_FLIGHT)]
+        in_flight_rows = [
+            ledger.in_flight_job_row(j, self.load_id) for j in journal.jobs(IN_FLIGHT)
+        ]
         if in_flight_rows:
             yield self._table(self.s.names.jobs, in_flight_rows)
         self.stats.jobs_carried_over = len(in_flight_rows)
@@ -366,13 +371,7 @@ class EnrichmentRun:
         if not isinstance(norm, Normalized):
             self.stats.rejected += 1
             rejected.append(
-                {
-                    "input_pk": row.pk,
-                    "reason": norm.reason,
-                    "detail": norm.detail,
-                    "rejected_at": now,
-                    "load_id": self.load_id,
-                }
+                ledger.rejected_row(row.pk, norm.reason, norm.detail, now, self.load_id)
             )
             return "rejected"
         key = norm.key
@@ -391,8 +390,16 @@ class EnrichmentRun:
                 ks.pks.add(row.pk)
                 self.stats.reused += 1
                 reused.append(
-                    self._outcome(
-                        key, row.pk, ks.job_id, 0, ks.status, None, ks.input, ks.finished_at
+                    ledger.outcome_row(
+                        key,
+                        row.pk,
+                        ks.job_id,
+                        0,
+                        ks.status,
+                        None,
+                        ks.input,
+                        ks.finished_at,
+                        self.load_id,
                     )
                 )
             return "fresh"
@@ -451,7 +458,9 @@ class EnrichmentRun:
                 status = result.status.value
                 counts[status] += 1
                 err = result.error.message if result.error else None
-                outcomes.extend(self._outcomes(item, job.job_id, status, err, now))
+                outcomes.extend(
+                    ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
+                )
                 if status == "matched":
                     enriched.append(enrichment_row(item.key, job.job_id, now, result))
                 known.keys[item.key] = KeyState(status, now, job.job_id, item.record, set(item.pks))
@@ -476,92 +485,16 @@ class EnrichmentRun:
                     known.keys[item.key] = KeyState(
                         status, now, job.job_id, item.record, set(item.pks)
                     )
-                outcomes.extend(self._outcomes(item, job.job_id, status, err, now))
+                outcomes.extend(
+                    ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
+                )
         self.stats.jobs_done += 1
         handled.append(job.job_id)
         if enriched:
             yield self._table(self.s.names.enrichment, enriched)
         if outcomes:
             yield self._table(self.s.names.outcomes, outcomes)
-        yield self._table(self.s.names.jobs, [self._job_row(fin, counts)])
-
-    def _outcomes(
-        self, item: BatchItem, job_id: str, status: str, error: str | None, now: datetime
-    ) -> list[dict[str, Any]]:
-        pks: list[str | None] = list(item.pks) or [None]
-        return [
-            self._outcome(item.key, pk, job_id, item.attempt, status, error, item.record, now)
-            for pk in pks
-        ]
-
-    def _outcome(
-        self,
-        key: str,
-        pk: str | None,
-        job_id: str | None,
-        attempt: int,
-        status: str,
-        error: str | None,
-        record: Any,
-        finished_at: datetime,
-    ) -> dict[str, Any]:
-        return {
-            "outcome_id": outcome_id(job_id, pk, key),
-            "input_pk": pk,
-            "key": key,
-            "job_id": job_id,
-            "attempt": attempt,
-            "status": status,
-            "error": error,
-            "input": record,
-            "finished_at": finished_at,
-            "load_id": self.load_id,
-        }
-
-    # --- ledger rows -------------------------------------------------------------------
-
-    def _job_row(self, fin: Finished, counts: dict[str, int]) -> dict[str, Any]:
-        st = fin.status
-        return {
-            "job_id": fin.job.job_id,
-            "type": fin.job.type,
-            "status": fin.kind,
-            "record_count": fin.job.record_count,
-            "attempt": fin.job.attempt,
-            "submitted_at": utc_from_timestamp(fin.job.submitted_at),
-            "completed_at": st.completed_at if st else None,
-            "expires_at": st.expires_at if st else None,
-            "error": fin.error,
-            "submitted_in_load": fin.job.run_id,
-            "updated_in_load": self.load_id,
-            "matched": counts["matched"],
-            "not_found": counts["not_found"],
-            "invalid": counts["invalid"],
-            "errors": counts["error"],
-        }
-
-    def _in_flight_row(self, job: JournalJob) -> dict[str, Any]:
-        return {
-            "job_id": job.job_id,
-            "type": job.type,
-            "status": "in_flight",
-            "record_count": job.record_count,
-            "attempt": job.attempt,
-            "submitted_at": utc_from_timestamp(job.submitted_at),
-            "submitted_in_load": job.run_id,
-            "updated_in_load": self.load_id,
-        }
-
-    def _lost_row(self, intent_id: str, items: list[BatchItem], type_: str) -> dict[str, Any]:
-        return {
-            "job_id": f"lost_{intent_id}",
-            "type": type_,
-            "status": "lost",
-            "record_count": len(items),
-            "attempt": max((i.attempt for i in items), default=1),
-            "error": "submit answer lost: the job may exist and be billed; records resubmitted",
-            "updated_in_load": self.load_id,
-        }
+        yield self._table(self.s.names.jobs, [ledger.finished_job_row(fin, counts, self.load_id)])
 
     # --- end of run -------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ COMPLETED = "completed"
 FAILED = "failed"
 EXPIRED = "expired"
 TIMED_OUT = "timed_out"
-VANISHED = "not_found"
+VANISHED = "vanished"
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Finished:
 
     Attributes:
         job: The journal's record of the job.
-        kind: completed, failed, expired, timed_out or not_found.
+        kind: completed, failed, expired, timed_out or vanished.
         results: The results, when completed.
         status: The last status seen, when any.
         error: Why it did not complete, when it did not.
@@ -247,10 +247,11 @@ class JobScheduler:
 
     # --- polling ---------------------------------------------------------------------------
 
-    def track(self, job: JournalJob) -> None:
-        """Poll a job submitted by an earlier run; it occupies a slot until it ends."""
-        self._active += 1
-        self._start_polling(job, first_look=0.0)
+    async def track(self, jobs: list[JournalJob]) -> None:
+        """Poll jobs submitted by earlier runs; each occupies a slot until it ends."""
+        for job in jobs:
+            self._active += 1
+            self._start_polling(job, first_look=0.0)
 
     def _start_polling(self, job: JournalJob, first_look: float) -> None:
         for item in job.items or ():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from dlt.common.configuration.container import Container
+from dlt.common.configuration.specs.pluggable_run_context import PluggableRunContext
 
 from apione_source.sandbox import Sandbox
 
@@ -66,3 +69,26 @@ def sandbox_factory() -> Iterator[Callable[..., Sandbox]]:
 def sandbox(sandbox_factory: Callable[..., Sandbox]) -> Sandbox:
     """A growth-plan sandbox whose jobs complete instantly."""
     return sandbox_factory()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the project's ``.dlt/config.toml`` (and ``~/.dlt``) out of these tests.
+
+    dlt resolves every source argument not passed explicitly from config files, so a
+    project config (e.g. ``input_columns = {domain = "website"}``) would change what the
+    tests run. Point dlt at an empty project dir and reload its providers.
+    """
+    ctx = Container()[PluggableRunContext]
+    original_run_dir = ctx.context.run_dir
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.setenv("DLT_PROJECT_DIR", str(project))
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt_data"))
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+    ctx.reload(str(project))
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        ctx.reload(original_run_dir)

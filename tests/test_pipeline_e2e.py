@@ -25,18 +25,12 @@ from apione_source.models import EnrichmentType
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import canonical_json, is_not_found
 from apione_source.tables import TableNames
-from tests.conftest import SANDBOX_API_KEY
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
 PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
 EMAIL = TableNames("apione_", EnrichmentType.EMAIL)
 
 TEN_KB = "a" * 10_240
-
-
-@pytest.fixture(autouse=True)
-def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -91,17 +85,10 @@ class Env:
             con.close()
 
     def insert_companies(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        rows = list(rows)
-        con = duckdb.connect(str(self.warehouse))
-        try:
-            if rows and len(rows[0]) == 2:
-                con.executemany(
-                    "INSERT INTO crm.companies VALUES (?, ?, TIMESTAMP '2024-01-01')", rows
-                )
-            else:
-                con.executemany("INSERT INTO crm.companies VALUES (?, ?, ?)", rows)
-        finally:
-            con.close()
+        """Insert (id, domain) or (id, domain, updated_at) rows in one statement."""
+        full = [r if len(r) == 3 else (*r, "2024-01-01") for r in rows]
+        marks = ", ".join(["(?, ?, CAST(? AS TIMESTAMP))"] * len(full))
+        self.exec(f"INSERT INTO crm.companies VALUES {marks}", [v for r in full for v in r])
 
     # destination side -------------------------------------------------------------------
 
@@ -130,7 +117,7 @@ class Env:
 
     def run(self, **overrides: Any) -> Any:
         kwargs: dict[str, Any] = {
-            "api_key": SANDBOX_API_KEY,
+            "api_key": self.sandbox.config.api_key,
             "base_url": self.sandbox.base_url,
             "enrichment_type": "company",
             "input_table": "companies",
@@ -313,9 +300,12 @@ def test_given_expired_ttl_when_run_again_then_each_key_is_reenriched_once_in_pl
     domains = [f"firm{i}.com" for i in range(40)]
     env.insert_companies(list(enumerate(domains)))
     env.run()
-    first = dict(
-        env.query(f"SELECT key, job_id || '|' || enriched_at FROM enriched.{COMPANY.enrichment}")
-    )
+    first = {
+        key: (job_id, at)
+        for key, job_id, at in env.query(
+            f"SELECT key, job_id, enriched_at FROM enriched.{COMPANY.enrichment}"
+        )
+    }
     assert first
 
     env.run(ttl_matched_days=0, ttl_not_found_days=0)
@@ -326,11 +316,10 @@ def test_given_expired_ttl_when_run_again_then_each_key_is_reenriched_once_in_pl
     second = env.query(f"SELECT key, job_id, enriched_at FROM enriched.{COMPANY.enrichment}")
     assert_no_duplicate_keys(env, COMPANY.enrichment)
     assert {k for k, _, _ in second} == set(first)
-    old_jobs = {v.split("|")[0] for v in first.values()}
+    old_jobs = {job_id for job_id, _ in first.values()}
     for key, job_id, enriched_at in second:
-        old_job, old_at = first[key].split("|", 1)
         assert job_id not in old_jobs, f"{key} still points at the first run's job"
-        assert str(enriched_at) > old_at
+        assert enriched_at > first[key][1]
     # one outcome row per input row per attempt (job)
     assert set(outcome_counts_per_pk(env).values()) == {2}
 
@@ -393,9 +382,9 @@ def test_given_many_spellings_of_one_domain_when_run_then_it_is_billed_once(
     assert {r[1] for r in dup_outcomes} == {dom}
     assert len({r[2] for r in dup_outcomes}) == 1
     assert {r[3] for r in dup_outcomes} == {"matched"}
-    assert env.query(f"SELECT count(*) FROM enriched.{COMPANY.enrichment} WHERE key = ?", [dom]) == [
-        (1,)
-    ]
+    assert env.query(
+        f"SELECT count(*) FROM enriched.{COMPANY.enrichment} WHERE key = ?", [dom]
+    ) == [(1,)]
 
     # another spelling arriving later reuses the known result: no new bill
     env.insert_companies([(50, f"WWW.{dom.upper()}")])
@@ -403,24 +392,29 @@ def test_given_many_spellings_of_one_domain_when_run_then_it_is_billed_once(
 
     assert env.sandbox.usage()["billed_per_key"][company_key(dom)] == 1
     assert billed(env.sandbox)[1] == 31
-    late = env.query(
-        f"SELECT key, status FROM enriched.{COMPANY.outcomes} WHERE input_pk = '50'"
-    )
+    late = env.query(f"SELECT key, status FROM enriched.{COMPANY.outcomes} WHERE input_pk = '50'")
     assert late == [(dom, "matched")]
 
 
 # --- 6. jobs outliving the wait budget ----------------------------------------------------
 
 
+# Jobs take 10 s of sandbox time and the wait budget is 3 s: the first look at a job
+# (at the server's 10 s estimate) falls after the budget, so a run carries its jobs over
+# at once without waiting, and the test moves the sandbox clock instead of sleeping.
+SLOW_JOB_SECONDS = 10.0
+SHORT_BUDGET = 3.0
+
+
 def test_given_jobs_outlive_wait_budget_when_next_run_then_they_are_collected_before_new_submits(
     make_env: Callable[..., Env],
 ) -> None:
     clock = RealTimeClock()
-    env = make_env(job_seconds_base=1.5, clock=clock)
+    env = make_env(job_seconds_base=SLOW_JOB_SECONDS, clock=clock)
     domains = [f"slow{i}.com" for i in range(50)]
     env.insert_companies(list(enumerate(domains)))
 
-    first = env.run(wait_budget_seconds=0.3, records_per_job=20)
+    first = env.run(wait_budget_seconds=SHORT_BUDGET, records_per_job=20)
 
     jobs = env.query(f"SELECT job_id, status FROM enriched.{COMPANY.jobs}")
     assert len(jobs) == 3
@@ -432,43 +426,93 @@ def test_given_jobs_outlive_wait_budget_when_next_run_then_they_are_collected_be
 
     clock.advance(60)  # the sandbox has finished the jobs
     env.insert_companies([(1000, "late-arrival.com")])
-    second = env.run(wait_budget_seconds=15, records_per_job=20)
+    second = env.run(wait_budget_seconds=SHORT_BUDGET, records_per_job=20)
 
     # the carried jobs' records were not submitted again; only the new row was
     usage = env.sandbox.usage()
     assert (usage["jobs_created"], usage["records_billed"]) == (4, 51)
     assert set(usage["billed_per_key"].values()) == {1}
-    # everything is loaded now
+    # the carried jobs are loaded
     ledger = dict(env.query(f"SELECT job_id, status FROM enriched.{COMPANY.jobs}"))
     assert len(ledger) == 4
-    assert set(ledger.values()) == {"completed"}
-    assert set(outcome_counts_per_pk(env)) == {str(i) for i in range(50)} | {"1000"}
-    assert set(outcome_counts_per_pk(env).values()) == {1}
+    assert {ledger[j] for j in carried} == {"completed"}
+    assert set(outcome_counts_per_pk(env)) == {str(i) for i in range(50)}
     assert env.count(COMPANY.enrichment) > 0
-    assert_no_duplicate_keys(env, COMPANY.enrichment)
-    # ... and the carried jobs were collected before the new job was submitted
+    # ... and were collected before the new row's job was submitted, in the same run
     (new_job,) = set(ledger) - carried
-    (new_submitted_at, submitted_in) = env.query(
+    assert ledger[new_job] == "in_flight"
+    new_submitted_at, submitted_in = env.query(
         f"SELECT submitted_at, submitted_in_load FROM enriched.{COMPANY.jobs} WHERE job_id = ?",
         [new_job],
     )[0]
-    assert submitted_in == second.loads_ids[-1]
-    assert submitted_in != first.loads_ids[-1]
+    assert submitted_in == second.loads_ids[-1] != first.loads_ids[-1]
     carried_done = env.query(
         f"SELECT max(finished_at) FROM enriched.{COMPANY.outcomes} WHERE job_id <> ?", [new_job]
     )[0][0]
     assert carried_done <= new_submitted_at
 
+    clock.advance(60)
+    env.run(wait_budget_seconds=SHORT_BUDGET, records_per_job=20)
+
+    assert billed(env.sandbox) == (4, 51)
+    ledger = dict(env.query(f"SELECT job_id, status FROM enriched.{COMPANY.jobs}"))
+    assert set(ledger.values()) == {"completed"}
+    per_pk = outcome_counts_per_pk(env)
+    assert set(per_pk) == {str(i) for i in range(50)} | {"1000"}
+    assert set(per_pk.values()) == {1}
+    assert_no_duplicate_keys(env, COMPANY.enrichment)
+
+
+def test_given_carried_job_whose_results_expired_when_next_run_then_records_are_resubmitted(
+    make_env: Callable[..., Env],
+) -> None:
+    clock = RealTimeClock()
+    env = make_env(job_seconds_base=SLOW_JOB_SECONDS, clock=clock)
+    domains = [f"gone{i}.com" for i in range(10)]
+    env.insert_companies(list(enumerate(domains)))
+    env.run(wait_budget_seconds=SHORT_BUDGET)
+    ((job_id,),) = env.query(f"SELECT job_id FROM enriched.{COMPANY.jobs}")
+
+    clock.advance(60)
+    env.sandbox.expire(job_id)
+    env.run(wait_budget_seconds=SHORT_BUDGET)  # sees the expiry, resubmits
+    clock.advance(60)
+    env.run(wait_budget_seconds=SHORT_BUDGET)  # collects the resubmitted job
+
+    ledger = dict(env.query(f"SELECT job_id, status FROM enriched.{COMPANY.jobs}"))
+    assert ledger.pop(job_id) == "expired"
+    assert list(ledger.values()) == ["completed"]
+    rows = env.query(
+        f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes} "
+        f"ORDER BY input_pk, attempt"
+    )
+    by_pk: dict[str, list[tuple[int, str]]] = {}
+    for pk, attempt, status in rows:
+        by_pk.setdefault(pk, []).append((attempt, status))
+    assert set(by_pk) == {str(i) for i in range(10)}
+    for history in by_pk.values():
+        assert len(history) == 2
+        assert history[0] == (1, "expired")
+        assert history[1][0] == 2
+        assert history[1][1] in ("matched", "not_found")
+    assert {env.sandbox.usage()["billed_per_key"][company_key(d)] for d in domains} == {2}
+
 
 # --- 7. plan limits ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "job_seconds",
+    [
+        pytest.param(0.0, id="instant-jobs"),
+        # jobs that take time make a second concurrent submit really overlap (429)
+        pytest.param(0.2, id="slow-jobs", marks=pytest.mark.slow),
+    ],
+)
 def test_given_free_plan_when_300_inputs_then_limits_are_never_exceeded(
-    make_env: Callable[..., Env],
+    make_env: Callable[..., Env], job_seconds: float
 ) -> None:
-    # jobs take 0.2 s so a second concurrent submit would really overlap (and get 429)
-    env = make_env(plan="free", job_seconds_base=0.2)
+    env = make_env(plan="free", job_seconds_base=job_seconds)
     env.insert_companies([(i, f"firm{i}.com") for i in range(300)])
 
     env.run(plan="free")
@@ -539,9 +583,7 @@ def test_given_normal_sandbox_when_run_then_a_realistic_share_is_not_found(
 
     env.run()
 
-    status = dict(
-        env.query(f"SELECT status, count(*) FROM enriched.{COMPANY.outcomes} GROUP BY 1")
-    )
+    status = dict(env.query(f"SELECT status, count(*) FROM enriched.{COMPANY.outcomes} GROUP BY 1"))
     assert set(status) == {"matched", "not_found"}
     assert 0.05 <= status["not_found"] / 300 <= 0.30
     not_found_keys = {
@@ -676,7 +718,9 @@ def test_given_people_type_when_run_then_people_table_and_history_are_loaded(
     assert_no_duplicate_keys(env, PEOPLE.enrichment)
     per_pk = outcome_counts_per_pk(env, PEOPLE)
     assert set(per_pk) == {str(i) for i in range(80)}
-    prefixes = {r[0].split(":", 1)[0] for r in env.query(f"SELECT key FROM enriched.{PEOPLE.outcomes}")}
+    prefixes = {
+        r[0].split(":", 1)[0] for r in env.query(f"SELECT key FROM enriched.{PEOPLE.outcomes}")
+    }
     assert prefixes == {"email", "linkedin", "name"}
     rejected = dict(env.query(f"SELECT input_pk, reason FROM enriched.{PEOPLE.rejected}"))
     assert rejected == {"99": "missing_fields"}
