@@ -152,6 +152,7 @@ class EnrichmentRun:
         self.reader = reader
         self.clock, self.wall_clock, self.sleep = clock, wall_clock, sleep
         self.stats = RunStats()
+        self._lost_from_journal = 0
         self.loop = asyncio.new_event_loop()
 
     # --- helpers ----------------------------------------------------------------------
@@ -217,6 +218,8 @@ class EnrichmentRun:
             wall_clock=self.wall_clock,
             sleep=self.sleep,
         )
+        # Keys of jobs being polled: a late duplicate row joins its job instead of a batch.
+        self._in_flight_items = sched.in_flight_items
         known = KnownKeys()
         pending = _Pending()
         handled: list[str] = []
@@ -224,7 +227,7 @@ class EnrichmentRun:
 
         for lost in journal.lost_submits():
             # A previous process died with a submit in the air: it may have been billed.
-            self.stats.lost_answers += 1
+            self._lost_from_journal += 1
             lost_reported.append(lost.intent_id)
             yield self._table(
                 self.s.names.jobs,
@@ -290,6 +293,16 @@ class EnrichmentRun:
             yield self._table(self.s.names.jobs, in_flight_rows)
         self.stats.jobs_carried_over = len(in_flight_rows)
         logger.info("run finished: %s", self.stats.line(len(in_flight_rows)))
+        if self.stats.lost_answers or self.stats.expired:
+            # The two ways a record can be paid twice: say so where operators look.
+            logger.warning(
+                "this run resubmitted %d batch(es) whose submit answer was lost and %d "
+                "record(s) whose results expired; see the %s ledger (status lost) and "
+                "outcomes (status expired)",
+                self.stats.lost_answers,
+                self.stats.expired,
+                self.s.names.jobs,
+            )
         self._await(sched.__aexit__(None, None, None))
 
     def _cap_left(self, sched: JobScheduler) -> int:
@@ -410,14 +423,11 @@ class EnrichmentRun:
         pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))
         return "new"
 
-    _in_flight_items: dict[str, BatchItem] = {}
-
     def _sync_stats(self, sched: JobScheduler) -> None:
         c = sched.counters
         self.stats.jobs_submitted = c.submitted_jobs
         self.stats.records_submitted = c.submitted_records
-        self.stats.lost_answers = max(self.stats.lost_answers, c.lost_answers)
-        self._in_flight_items = sched.in_flight_items
+        self.stats.lost_answers = self._lost_from_journal + c.lost_answers
 
     # --- handling finished jobs --------------------------------------------------------
 
