@@ -16,9 +16,9 @@ What remains after a crash:
 * a job ``fetched`` into load package ``load_id``: done if that load completed, otherwise
   the package was lost and the results are fetched again.
 
-The file lives in the pipeline's working directory; if that directory is wiped, dlt
-state (restored from the destination) still holds the in-flight job ids, see
-:mod:`apione_source.source`.
+The file lives beside the pipeline's working directory (see :meth:`Journal.path_for`);
+if the pipelines directory itself is lost, dlt state restored from the destination still
+holds the job ids that were in flight at the end of the last completed load.
 """
 
 from __future__ import annotations
@@ -131,7 +131,15 @@ def _load_items(raw: str | None) -> list[BatchItem] | None:
 class Journal:
     """SQLite-backed journal; every method commits before it returns."""
 
-    FILE_NAME = "apione_journal.sqlite"
+    @staticmethod
+    def path_for(pipelines_dir: str | Path, pipeline_name: str) -> Path:
+        """Where a pipeline's journal lives: beside its working dir, not inside it.
+
+        dlt wipes the working dir when it finds local data but no dataset at the
+        destination (a first run killed before its first load): a journal inside would
+        be wiped with it, and every job it knew paid for again.
+        """
+        return Path(pipelines_dir) / f"{pipeline_name}.apione_journal.sqlite"
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating if needed) the journal at ``path``, locking it for this run.

@@ -26,7 +26,6 @@ import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import dlt
@@ -175,7 +174,7 @@ class EnrichmentRun:
         pipeline = dlt.current.pipeline()
         self.load_id: str = dlt.current.load_package_state()["load_id"]
         state = dlt.current.resource_state()
-        journal = Journal(Path(pipeline.working_dir) / Journal.FILE_NAME)
+        journal = Journal(Journal.path_for(pipeline.pipelines_dir, pipeline.pipeline_name))
         try:
             yield from self._run(pipeline, state, journal)
         finally:

@@ -1,0 +1,245 @@
+"""The end-to-end scenarios every warehouse suite runs (the DuckDB e2e suite's core).
+
+A suite subclasses :class:`Scenarios` (:class:`CoreScenarios` for the bare minimum) as
+``Test<Something>`` and sets ``input_wh`` and ``output_wh`` to warehouse fixture
+prefixes (``duckdb``, ``postgres``, ``snowflake``, ``bigquery``; the fixtures are in
+``conftest.py``). Every test makes its own input dataset and output dataset (unique
+names) and drops both afterwards.
+
+Everything is checked through SQL on the warehouse itself (dlt's SQL client), the way a
+user or dbt would look, plus the sandbox's usage counters (what ApiOne would bill).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pytest
+
+from apione_source.models import EnrichmentType
+from apione_source.sandbox import Sandbox
+from apione_source.sandbox.data import canonical_json
+from apione_source.tables import TableNames
+from tests.warehouses.harness import Env
+
+COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
+TAGS = f"{COMPANY.enrichment}__tags"
+TECHNOLOGIES = f"{COMPANY.enrichment}__technologies"
+TEN_KB = "a" * 10_240
+
+
+def company_key(domain: str) -> str:
+    """The sandbox's billing key of a company record with this (normalized) domain."""
+    return canonical_json({"domain": domain})
+
+
+def billed(sb: Sandbox) -> tuple[int, int]:
+    u = sb.usage()
+    return u["jobs_created"], u["records_billed"]
+
+
+def outcomes_per_pk(env: Env) -> Counter[str]:
+    rows = env.query(
+        f"SELECT input_pk, count(*) FROM {env.out(COMPANY.outcomes)} GROUP BY input_pk"
+    )
+    return Counter({str(pk): int(n) for pk, n in rows})
+
+
+def assert_no_duplicate_keys(env: Env, table: str = COMPANY.enrichment) -> None:
+    total, distinct = env.query(f"SELECT count(*), count(DISTINCT key) FROM {env.out(table)}")[0]
+    assert total == distinct, f"{table} has {total - distinct} duplicate key row(s)"
+
+
+def assert_dbt_style_join(env: Env, expected_keys: dict[str, str]) -> None:
+    """The README's dbt join (input -> outcomes -> enrichment) in the warehouse's own SQL.
+
+    Args:
+        env: Input and results in one warehouse.
+        expected_keys: Input primary key -> the normalized key it must join to.
+    """
+    text = env.input_wh.types["text"]
+    rows = env.query(
+        f"SELECT c.id, e.key, e.name, e.industry "
+        f"FROM {env.input_table()} c "
+        f"JOIN {env.out(COMPANY.outcomes)} o "
+        f"ON o.input_pk = CAST(c.id AS {text}) AND o.status = 'matched' "
+        f"JOIN {env.out(COMPANY.enrichment)} e ON e.key = o.key "
+        f"ORDER BY c.id"
+    )
+    matched_pks = {
+        str(pk)
+        for (pk,) in env.query(
+            f"SELECT input_pk FROM {env.out(COMPANY.outcomes)} WHERE status = 'matched'"
+        )
+    }
+    assert len(rows) == len(matched_pks) > 0
+    assert {str(r[0]) for r in rows} == matched_pks
+    for pk, key, name, _industry in rows:
+        assert key == expected_keys[str(pk)], (pk, key)
+        assert name
+
+
+def snapshot(env: Env) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        "enrichment": env.query(
+            f"SELECT key, job_id, enriched_at FROM {env.out(COMPANY.enrichment)} ORDER BY key"
+        ),
+        "outcomes": env.query(
+            f"SELECT outcome_id, input_pk, key, job_id, attempt, status, finished_at "
+            f"FROM {env.out(COMPANY.outcomes)} ORDER BY outcome_id"
+        ),
+        "jobs": env.query(
+            f"SELECT job_id, status, record_count FROM {env.out(COMPANY.jobs)} ORDER BY job_id"
+        ),
+        "rejected": env.query(
+            f"SELECT input_pk, reason FROM {env.out(COMPANY.rejected)} ORDER BY input_pk"
+        ),
+        "tags": env.query(f"SELECT count(*) FROM {env.out(TAGS)}"),
+    }
+
+
+class CoreScenarios:
+    """First run and incremental runs; subclasses name the input and output warehouses."""
+
+    input_wh: ClassVar[str]
+    output_wh: ClassVar[str]
+
+    @pytest.fixture
+    def env(self, make_env: Callable[..., Env]) -> Env:
+        return make_env(self.input_wh, self.output_wh)
+
+    def test_first_run_loads_everything_once_and_dbt_can_join_it(self, env: Env) -> None:
+        domains = [f"firm{i}.com" for i in range(60)]
+        valid = list(enumerate(domains))
+        dup_rows = [(500, "https://www.FIRM1.com/about"), (501, "firm2.com.")]
+        bad_rows = [(900, None), (901, ""), (902, "not a domain"), (903, TEN_KB)]
+        env.insert_companies(valid + dup_rows + bad_rows)
+
+        env.run(records_per_job=25)
+
+        # outcomes: every valid input row exactly once
+        per_pk = outcomes_per_pk(env)
+        assert set(per_pk) == {str(i) for i, _ in valid + dup_rows}
+        assert set(per_pk.values()) == {1}
+        statuses = {r[0] for r in env.query(f"SELECT status FROM {env.out(COMPANY.outcomes)}")}
+        assert statuses <= {"matched", "not_found"}
+        # enrichment: one row per unique matched key
+        matched = {
+            r[0]
+            for r in env.query(
+                f"SELECT DISTINCT key FROM {env.out(COMPANY.outcomes)} WHERE status = 'matched'"
+            )
+        }
+        keys = [r[0] for r in env.query(f"SELECT key FROM {env.out(COMPANY.enrichment)}")]
+        assert sorted(keys) == sorted(matched)
+        assert len(matched) > 30
+        assert_no_duplicate_keys(env)
+        # child tables, joinable to their parent
+        for child in (TAGS, TECHNOLOGIES):
+            assert (env.count(child) or 0) > 0, child
+        orphans = env.query(
+            f"SELECT count(*) FROM {env.out(TAGS)} t LEFT JOIN {env.out(COMPANY.enrichment)} e "
+            f"ON t._dlt_parent_id = e._dlt_id WHERE e._dlt_id IS NULL"
+        )
+        assert orphans == [(0,)]
+        # the job ledger accounts for every unique record
+        jobs = env.query(f"SELECT status, record_count, matched FROM {env.out(COMPANY.jobs)}")
+        assert len(jobs) == 3
+        assert {s for s, _, _ in jobs} == {"completed"}
+        assert sum(n for _, n, _ in jobs) == 60
+        assert sum(m for _, _, m in jobs) == len(matched)
+        # rejected rows with their reasons
+        rejected = dict(env.query(f"SELECT input_pk, reason FROM {env.out(COMPANY.rejected)}"))
+        assert rejected == {
+            "900": "null",
+            "901": "empty",
+            "902": "invalid_domain",
+            "903": "too_long",
+        }
+        usage = env.sandbox.usage()
+        assert usage["records_billed"] == 60
+        assert set(usage["billed_per_key"].values()) == {1}
+        # a dbt model over input + results (needs both in one warehouse)
+        if env.same_warehouse:
+            expected = {str(i): d for i, d in valid} | {"500": "firm1.com", "501": "firm2.com"}
+            assert_dbt_style_join(env, expected)
+
+    def test_second_run_submits_nothing_and_a_new_row_exactly_one_record(self, env: Env) -> None:
+        env.insert_companies([(i, f"firm{i}.com") for i in range(40)] + [(900, None)])
+        env.run()
+        before_usage, before = billed(env.sandbox), snapshot(env)
+
+        env.run()  # nothing changed
+
+        assert billed(env.sandbox) == before_usage
+        assert snapshot(env) == before
+
+        env.insert_companies([(1000, "brand-new-company.io")])
+        env.run()
+
+        jobs, records = billed(env.sandbox)
+        assert (jobs - before_usage[0], records - before_usage[1]) == (1, 1)
+        assert env.sandbox.usage()["billed_per_key"][company_key("brand-new-company.io")] == 1
+        rows = env.query(
+            f"SELECT key, attempt FROM {env.out(COMPANY.outcomes)} WHERE input_pk = '1000'"
+        )
+        assert rows == [("brand-new-company.io", 1)]
+        assert set(outcomes_per_pk(env).values()) == {1}
+        assert len(env.query(f"SELECT job_id FROM {env.out(COMPANY.jobs)}")) == 2
+
+
+class Scenarios(CoreScenarios):
+    """Every scenario (the dbt-style join runs when input and results share a warehouse)."""
+
+    def test_expired_ttl_reenriches_each_key_once_and_merges_in_place(self, env: Env) -> None:
+        domains = [f"firm{i}.com" for i in range(20)]
+        env.insert_companies(list(enumerate(domains)))
+        env.run()
+        first = {
+            k: (j, at)
+            for k, j, at in env.query(
+                f"SELECT key, job_id, enriched_at FROM {env.out(COMPANY.enrichment)}"
+            )
+        }
+        tags_before = env.count(TAGS)
+        assert first
+
+        env.run(ttl_matched_days=0, ttl_not_found_days=0)
+
+        per_key = env.sandbox.usage()["billed_per_key"]
+        assert {per_key[company_key(d)] for d in domains} == {2}
+        assert env.sandbox.usage()["records_billed"] == 40
+        # merged in place: same keys, new job and timestamp, no duplicates anywhere
+        second = env.query(f"SELECT key, job_id, enriched_at FROM {env.out(COMPANY.enrichment)}")
+        assert_no_duplicate_keys(env)
+        assert {k for k, _, _ in second} == set(first)
+        old_jobs = {j for j, _ in first.values()}
+        for key, job_id, enriched_at in second:
+            assert job_id not in old_jobs, f"{key} still points at the first run's job"
+            assert enriched_at > first[key][1]
+        assert env.count(TAGS) == tags_before  # child rows replaced, not appended
+        # one outcome row per input row per attempt, and two jobs in the ledger
+        assert set(outcomes_per_pk(env).values()) == {2}
+        assert len(env.query(f"SELECT job_id FROM {env.out(COMPANY.jobs)}")) == 2
+
+    def test_cursor_column_reads_only_changed_rows(self, env: Env) -> None:
+        env.insert_companies([(i, f"firm{i}.com", f"2024-01-01 00:00:{i:02d}") for i in range(30)])
+        env.run(cursor_column="updated_at")
+        assert billed(env.sandbox) == (1, 30)
+
+        env.input_exec(
+            f"UPDATE {env.input_table()} SET domain = 'rebranded-firm.com', "
+            f"updated_at = CAST('2024-06-01 00:00:00' AS {env.input_wh.types['timestamp']}) "
+            f"WHERE id = 7"
+        )
+        env.run(cursor_column="updated_at")
+
+        assert billed(env.sandbox) == (2, 31)
+        rows = env.query(
+            f"SELECT key FROM {env.out(COMPANY.outcomes)} WHERE input_pk = '7' ORDER BY finished_at"
+        )
+        assert [r[0] for r in rows] == ["firm7.com", "rebranded-firm.com"]
+        env.run(cursor_column="updated_at")
+        assert billed(env.sandbox) == (2, 31)

@@ -1,0 +1,14 @@
+"""The warehouse scenarios on DuckDB: input and results in one DuckDB file."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.warehouses.scenarios import Scenarios
+
+pytestmark = [pytest.mark.slow]
+
+
+class TestDuckDB(Scenarios):
+    input_wh = "duckdb"
+    output_wh = "duckdb"
