@@ -27,7 +27,7 @@ import fcntl
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,14 +132,15 @@ class Journal:
     """SQLite-backed journal; every method commits before it returns."""
 
     @staticmethod
-    def path_for(pipelines_dir: str | Path, pipeline_name: str) -> Path:
-        """Where a pipeline's journal lives: beside its working dir, not inside it.
+    def path_for(pipelines_dir: str | Path, pipeline_name: str, resource_name: str) -> Path:
+        """Where a resource's journal lives: beside its pipeline's working dir, not in it.
 
         dlt wipes the working dir when it finds local data but no dataset at the
         destination (a first run killed before its first load): a journal inside would
-        be wiped with it, and every job it knew paid for again.
+        be wiped with it, and every job it knew paid for again. One journal per resource,
+        so two enrichments in one pipeline never see each other's jobs.
         """
-        return Path(pipelines_dir) / f"{pipeline_name}.apione_journal.sqlite"
+        return Path(pipelines_dir) / f"{pipeline_name}.{resource_name}.apione_journal.sqlite"
 
     def __init__(self, path: str | Path) -> None:
         """Open (creating if needed) the journal at ``path``, locking it for this run.
@@ -274,7 +275,14 @@ class Journal:
                 [(IN_FLIGHT, j) for j in job_ids],
             )
 
-    def forget(self, job_ids: list[str] = (), intent_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+    def update_items(self, job: JournalJob) -> None:
+        """Persist input rows that joined a running job after it was submitted."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET items = ? WHERE job_id = ?", (_dump_items(job.items), job.job_id)
+            )
+
+    def forget(self, job_ids: Sequence[str] = (), intent_ids: Sequence[str] = ()) -> None:
         """Delete jobs whose outcomes are loaded, and intents already accounted for."""
         with self._tx() as db:
             db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])

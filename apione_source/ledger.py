@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from apione_source.journal import BatchItem, JournalJob
+from apione_source.journal import IN_FLIGHT, BatchItem, JournalJob
 from apione_source.scheduler import Finished
 from apione_source.tables import outcome_id, utc_from_timestamp
 
-# Ledger statuses of our own, next to the scheduler's Finished.kind values.
-IN_FLIGHT = "in_flight"
+# The ledger's status of a submit whose answer was lost (next to the scheduler's
+# Finished.kind values and the journal's in_flight).
 LOST = "lost"
 
 

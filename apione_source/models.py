@@ -2,7 +2,7 @@
 
 Models are tolerant by design: unknown fields are kept (``extra="allow"``) so a newer
 API never breaks a run, while a missing required field fails validation with the
-field's name. Use :func:`parse_job` / :func:`parse_results` to get that failure as a
+field's name. Use :func:`parse_model` to get that failure as a
 :class:`~apione_source.errors.MalformedResponseError` that also names the job.
 """
 
@@ -222,7 +222,7 @@ class Job(_ApiModel):
 
 
 class RecordResult(_ApiModel):
-    """Result of one submitted record. ``data`` stays a dict; see :meth:`payload`."""
+    """Result of one submitted record. ``data`` stays a dict, loaded as the API sent it."""
 
     index: int
     input: dict[str, Any]

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
 from typing import Any
 
 import dlt
@@ -24,11 +23,8 @@ from dlt.destinations.exceptions import DatabaseUndefinedRelation
 from dlt.destinations.sql_client import SqlClientBase
 
 from apione_source.errors import ConfigurationError
-from apione_source.tables import FINAL_STATUSES, TableNames
 
 logger = logging.getLogger(__name__)
-
-LOADS_TABLE = "_dlt_loads"
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,9 @@ class InputSpec:
 
 @dataclass
 class InputRow:
-    """One input row: its primary key (as text), field values and cursor value."""
+    """One input row: its primary key (as text; None if NULL), fields and cursor value."""
 
-    pk: str
+    pk: str | None
     values: dict[str, Any]
     cursor: Any = None
 
@@ -122,7 +118,9 @@ class InputReader:
             if self.spec.cursor_column:
                 cursor_col = client.escape_column_name(self.spec.cursor_column)
                 if cursor_from is not None:
-                    sql += f" WHERE {cursor_col} >= %s"
+                    # NULL cursors never compare: read those rows every run (known keys
+                    # cost nothing) rather than never again.
+                    sql += f" WHERE {cursor_col} >= %s OR {cursor_col} IS NULL"
                     args.append(cursor_from)
                 order.insert(0, cursor_col)
             sql += " ORDER BY " + ", ".join(order)
@@ -133,118 +131,5 @@ class InputReader:
 
 def _to_row(raw: Sequence[Any], fields: list[str], has_cursor: bool) -> InputRow:
     values = dict(zip(fields, raw[1 : 1 + len(fields)], strict=True))
-    return InputRow(pk=str(raw[0]), values=values, cursor=raw[-1] if has_cursor else None)
-
-
-@dataclass
-class KeyState:
-    """What earlier runs recorded for one normalized key."""
-
-    status: str
-    finished_at: datetime
-    job_id: str | None
-    input: Any
-    pks: set[str] = field(default_factory=set)
-    retries: int = 0  # non-final outcomes since the last final one
-
-
-@dataclass
-class KnownKeys:
-    """The outcome history of every key, loaded from the destination."""
-
-    keys: dict[str, KeyState] = field(default_factory=dict)
-
-    def is_fresh(
-        self, key: str, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
-    ) -> bool:
-        """True if ``key`` has a final outcome younger than its TTL."""
-        state = self.keys.get(key)
-        if state is None or state.status not in FINAL_STATUSES:
-            return False
-        ttl = ttl_matched if state.status in ("matched", "invalid") else ttl_retry
-        return now - state.finished_at < ttl
-
-    def stale(
-        self, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
-    ) -> Iterator[tuple[str, KeyState]]:
-        """Keys whose last outcome is no longer fresh."""
-        for key, state in self.keys.items():
-            if not self.is_fresh(key, now, ttl_matched, ttl_retry):
-                yield key, state
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
-def load_known_keys(
-    pipeline: dlt.Pipeline, names: TableNames, chunk_size: int = 50_000
-) -> KnownKeys:
-    """Load every key's latest outcome (and its input rows) from the destination.
-
-    Returns an empty index on the first run, when the outcomes table does not exist.
-    """
-    known = KnownKeys()
-    try:
-        with pipeline.sql_client() as client:
-            cols = ["key", "status", "finished_at", "job_id", "input_pk", "input"]
-            sql = (
-                f"SELECT {', '.join(client.escape_column_name(c) for c in cols)} FROM "
-                f"{client.make_qualified_table_name(names.outcomes)} ORDER BY "
-                f"{client.escape_column_name('finished_at')}"
-            )
-            with client.execute_query(sql) as cur:
-                while batch := cur.fetchmany(chunk_size):
-                    for key, status, finished_at, job_id, input_pk, input_ in batch:
-                        _fold(known, key, status, _aware(finished_at), job_id, input_pk, input_)
-    except DatabaseUndefinedRelation:
-        return known
-    except Exception as exc:  # e.g. the dataset itself does not exist yet
-        if "not exist" in str(exc).lower() or "not found" in str(exc).lower():
-            return known
-        raise
-    return known
-
-
-def _fold(
-    known: KnownKeys,
-    key: str,
-    status: str,
-    finished_at: datetime,
-    job_id: str | None,
-    input_pk: str | None,
-    input_: Any,
-) -> None:
-    """Fold one outcome row (rows come oldest first) into the key's state."""
-    is_retry = status not in FINAL_STATUSES
-    state = known.keys.get(key)
-    if state is None:
-        state = known.keys[key] = KeyState(
-            status, finished_at, job_id, input_, retries=int(is_retry)
-        )
-    elif job_id != state.job_id and finished_at >= state.finished_at:
-        # a later attempt: count consecutive non-final ones (one per job, not per row)
-        state.retries = state.retries + 1 if is_retry else 0
-        state.status, state.finished_at, state.job_id = status, finished_at, job_id
-        state.input = input_ or state.input
-    if input_pk is not None:
-        state.pks.add(input_pk)
-
-
-def confirmed_loads(pipeline: dlt.Pipeline, load_ids: list[str]) -> set[str]:
-    """Which of ``load_ids`` completed at the destination (``_dlt_loads.status = 0``)."""
-    if not load_ids:
-        return set()
-    try:
-        with pipeline.sql_client() as client:
-            table = client.make_qualified_table_name(LOADS_TABLE)
-            marks = ", ".join(["%s"] * len(load_ids))
-            sql = (
-                f"SELECT {client.escape_column_name('load_id')} FROM {table} WHERE "
-                f"{client.escape_column_name('status')} = 0 AND "
-                f"{client.escape_column_name('load_id')} IN ({marks})"
-            )
-            with client.execute_query(sql, *load_ids) as cur:
-                return {r[0] for r in cur.fetchall()}
-    except DatabaseUndefinedRelation:
-        return set()
+    pk = None if raw[0] is None else str(raw[0])
+    return InputRow(pk=pk, values=values, cursor=raw[-1] if has_cursor else None)

@@ -9,9 +9,10 @@ Order of a run, and why:
 
 1. Reconcile the journal with dlt state and the destination: jobs fetched into a load
    package that completed are forgotten; those whose package never completed are polled
-   again; jobs only dlt state knows (the working dir was wiped) are adopted.
+   again; jobs only dlt state knows (the journal was lost) are adopted.
 2. Collect every carried-over job before submitting anything new, so no key can be in
    flight twice and every key's last outcome is known before deciding what to send.
+   Then resubmit what a crashed run's lost submits carried (counted as ``lost``).
 3. Read the input in chunks; reject what cannot be sent; skip keys with a fresh outcome;
    batch the rest by unique key and submit as slots free up, yielding results as they
    come in.
@@ -23,43 +24,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any, TypeVar
 
 import dlt
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
-from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob
+from apione_source.history import KeyState, KnownKeys, confirmed_loads, load_known_keys
+from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob, LostSubmit
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
-from apione_source.reader import (
-    InputReader,
-    InputRow,
-    KeyState,
-    KnownKeys,
-    confirmed_loads,
-    load_known_keys,
-)
+from apione_source.reader import InputReader, InputRow
 from apione_source.scheduler import (
     COMPLETED,
     EXPIRED,
+    REJECTED,
     Finished,
     JobScheduler,
     SchedulerSettings,
 )
-from apione_source.tables import (
-    FINAL_STATUSES,
-    TableNames,
-    enrichment_row,
-    utc_from_timestamp,
-)
+from apione_source.tables import FINAL_STATUSES, TableNames, enrichment_row, utc_from_timestamp
 
 logger = logging.getLogger("apione_source")
 
 _T = TypeVar("_T")
+
+NULL_PK = "<NULL>"  # rejected-table key of rows whose primary key is NULL
 
 
 @dataclass(frozen=True)
@@ -68,21 +62,25 @@ class RunSettings:
 
     Attributes:
         enrichment_type: What to enrich.
+        resource_name: Name of the dlt resource (names the journal and the state).
         names: Table names.
         scheduler: Limits and timing of jobs.
         ttl_matched: How long a matched (or invalid) outcome stays fresh.
         ttl_not_found: How long a not_found (or error) outcome stays fresh.
         max_records_per_run: Cap on records submitted in one run (None: no cap).
         max_attempts: Attempts per record before it is recorded as ``error``.
+        retention_seconds: How long ApiOne keeps results (warns about old carried jobs).
     """
 
     enrichment_type: EnrichmentType
+    resource_name: str
     names: TableNames
     scheduler: SchedulerSettings
     ttl_matched: timedelta
     ttl_not_found: timedelta
     max_records_per_run: int | None
     max_attempts: int
+    retention_seconds: float
 
 
 @dataclass
@@ -95,7 +93,6 @@ class RunStats:
     jobs_submitted: int = 0
     records_submitted: int = 0
     jobs_done: int = 0
-    jobs_carried_over: int = 0
     records_collected: int = 0
     resubmitted: int = 0
     expired: int = 0
@@ -105,8 +102,9 @@ class RunStats:
         """One progress line."""
         return (
             f"jobs submitted {self.jobs_submitted} running {running} done {self.jobs_done} | "
-            f"records submitted {self.records_submitted} collected {self.records_collected} | "
-            f"rows read {self.rows_read} rejected {self.rejected}"
+            f"records submitted {self.records_submitted} collected {self.records_collected} "
+            f"resubmitted {self.resubmitted} | "
+            f"rows read {self.rows_read} rejected {self.rejected} already known {self.reused}"
         )
 
 
@@ -121,11 +119,11 @@ class _Pending:
         if known is None:
             self.items[item.key] = item
         else:
-            known.pks.extend(p for p in item.pks if p not in known.pks)
+            seen = set(known.pks)
+            known.pks.extend(p for p in item.pks if p not in seen)
 
     def take(self, n: int) -> list[BatchItem]:
-        keys = list(self.items)[:n]
-        return [self.items.pop(k) for k in keys]
+        return [self.items.pop(k) for k in list(islice(self.items, n))]
 
     def min_cursor(self) -> Any:
         cursors = [i.cursor for i in self.items.values() if i.cursor is not None]
@@ -141,9 +139,9 @@ class EnrichmentRun:
         client: AsyncApiOneClient,
         reader: InputReader,
         *,
-        clock: Any = time.monotonic,
-        wall_clock: Any = time.time,
-        sleep: Any = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """Prepare a run; nothing happens until it is iterated inside a dlt extract."""
         self.s = settings
@@ -151,8 +149,10 @@ class EnrichmentRun:
         self.reader = reader
         self.clock, self.wall_clock, self.sleep = clock, wall_clock, sleep
         self.stats = RunStats()
-        self._lost_from_journal = 0
-        self.loop = asyncio.new_event_loop()
+        self.known = KnownKeys()
+        self.pending = _Pending()
+        self.handled: list[str] = []  # job ids whose outcomes went into this package
+        self.wrote_outcomes = False
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -162,33 +162,96 @@ class EnrichmentRun:
     def _now(self) -> datetime:
         return utc_from_timestamp(self.wall_clock())
 
-    def _progress(self, sched: JobScheduler) -> None:
-        logger.info("progress: %s", self.stats.line(len(sched.in_flight)))
-
     def _table(self, name: str, rows: list[dict[str, Any]]) -> Any:
         return dlt.mark.with_table_name(rows, name)
+
+    def _progress(self) -> None:
+        self._sync_stats()
+        logger.info("progress: %s", self.stats.line(len(self.sched.in_flight)))
+
+    def _sync_stats(self) -> None:
+        c = self.sched.counters
+        self.stats.jobs_submitted = c.submitted_jobs
+        self.stats.records_submitted = c.submitted_records
+        self.stats.lost_answers = self._lost_from_journal + c.lost_answers
+
+    def _cap_left(self) -> int:
+        cap = self.s.max_records_per_run
+        if cap is None:
+            return 1 << 62
+        return max(0, cap - self.sched.counters.submitted_records)
 
     # --- the run ----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
         pipeline = dlt.current.pipeline()
+        if pipeline.dev_mode:
+            logger.warning(
+                "dev_mode gives every run a new dataset: nothing loaded before is seen, so "
+                "every record is enriched (and paid for) again"
+            )
         self.load_id: str = dlt.current.load_package_state()["load_id"]
-        state = dlt.current.resource_state()
-        journal = Journal(Journal.path_for(pipeline.pipelines_dir, pipeline.pipeline_name))
+        self.state: dict[str, Any] = dlt.current.resource_state()
+        journal = Journal(
+            Journal.path_for(pipeline.pipelines_dir, pipeline.pipeline_name, self.s.resource_name)
+        )
+        self.loop = asyncio.new_event_loop()
+        self.sched = JobScheduler(
+            self.client,
+            journal,
+            self.s.enrichment_type.value,
+            self.s.scheduler,
+            self.load_id,
+            clock=self.clock,
+            wall_clock=self.wall_clock,
+            sleep=self.sleep,
+        )
+        self._lost_from_journal = 0
         try:
-            yield from self._run(pipeline, state, journal)
+            yield from self._run(pipeline, journal)
         finally:
-            journal.close()
-            self._await(self.client.aclose())
-            self.loop.close()
+            try:
+                self._await(self.sched.close())
+                self._await(self.client.aclose())
+            finally:
+                self.loop.close()
+                journal.close()
 
-    def _reconcile(self, pipeline: dlt.Pipeline, state: dict[str, Any], journal: Journal) -> None:
-        state.pop("stop_error", None)
+    def _run(self, pipeline: dlt.Pipeline, journal: Journal) -> Iterator[Any]:
+        self._reconcile(pipeline, journal)
+        # 2. collect carried-over jobs first
+        carried = journal.jobs(IN_FLIGHT)
+        self._warn_about_old(carried)
+        self._await(self.sched.track(carried))
+        if carried:
+            logger.info("collecting %d job(s) carried over from earlier runs", len(carried))
+        yield from self._collect()
+        lost = journal.lost_submits()
+        yield from self._resubmit_lost(lost)
+        if self.sched.in_flight or self.sched.remaining <= 0 or self.sched.stop_error:
+            logger.warning(
+                "%d carried-over job(s) still running; submitting nothing new this run",
+                len(self.sched.in_flight),
+            )
+        else:
+            # 3. read, submit, collect
+            yield from self._read_and_submit(pipeline)
+        # 4. wait for everything still running, resubmitting retries while budget lasts
+        while True:
+            self._submit_pending(self._cap_left())
+            fin = self._await(self.sched.next_finished())
+            if fin is None:
+                break
+            yield from self._handle(fin)
+        yield from self._finish(journal, lost)
+
+    def _reconcile(self, pipeline: dlt.Pipeline, journal: Journal) -> None:
+        self.state.pop("stop_error", None)
         fetched = journal.jobs(FETCHED)
         done = confirmed_loads(pipeline, sorted({j.load_id for j in fetched if j.load_id}))
         journal.forget([j.job_id for j in fetched if j.load_id in done])
         journal.reopen([j.job_id for j in fetched if j.load_id not in done])
-        for job_id, meta in state.get("jobs", {}).items():
+        for job_id, meta in self.state.get("jobs", {}).items():
             journal.adopt(
                 JournalJob(
                     job_id=job_id,
@@ -202,183 +265,113 @@ class EnrichmentRun:
                 )
             )
 
-    def _run(
-        self, pipeline: dlt.Pipeline, state: dict[str, Any], journal: Journal
-    ) -> Iterator[Any]:
-        self._reconcile(pipeline, state, journal)
-        etype = self.s.enrichment_type.value
-        sched = JobScheduler(
-            self.client,
-            journal,
-            etype,
-            self.s.scheduler,
-            self.load_id,
-            clock=self.clock,
-            wall_clock=self.wall_clock,
-            sleep=self.sleep,
-        )
-        # Keys of jobs being polled: a late duplicate row joins its job instead of a batch.
-        self._in_flight_items = sched.in_flight_items
-        known = KnownKeys()
-        pending = _Pending()
-        handled: list[str] = []
-        lost_reported: list[str] = []
+    def _warn_about_old(self, carried: list[JournalJob]) -> None:
+        old = [
+            j.job_id
+            for j in carried
+            if self.wall_clock() - j.submitted_at > self.s.retention_seconds / 2
+        ]
+        if old:
+            logger.warning(
+                "%d carried-over job(s) are older than half the plan's result retention; "
+                "run more often or their results expire and are paid for again",
+                len(old),
+            )
 
-        for lost in journal.lost_submits():
-            # A previous process died with a submit in the air: it may have been billed.
+    def _collect(self) -> Iterator[Any]:
+        while (fin := self._await(self.sched.next_finished())) is not None:
+            yield from self._handle(fin)
+
+    def _resubmit_lost(self, lost: list[LostSubmit]) -> Iterator[Any]:
+        """Report submits a crashed run never heard back from, and resend their records.
+
+        Runs after carried-over jobs are collected: a record whose resend already made it
+        into a job (collected or still running) is not sent a third time.
+        """
+        for submit in lost:
             self._lost_from_journal += 1
-            lost_reported.append(lost.intent_id)
-            yield self._table(
-                self.s.names.jobs,
-                [ledger.lost_job_row(lost.intent_id, lost.items, lost.type, self.load_id)],
-            )
-            for item in lost.items:
-                pending.add(item)
+            row = ledger.lost_job_row(submit.intent_id, submit.items, submit.type, self.load_id)
+            yield self._table(self.s.names.jobs, [row])
+            for item in submit.items:
+                if item.key not in self.known.keys and item.key not in self.sched.in_flight_items:
+                    self.pending.add(item)
 
-        carried = journal.jobs(IN_FLIGHT)
-        self._await(sched.track(carried))
-        if carried:
-            logger.info("collecting %d job(s) carried over from earlier runs", len(carried))
-
-        # 2. collect carried-over jobs first
-        while (fin := self._await(sched.next_finished())) is not None:
-            yield from self._handle(fin, known, pending, handled)
-        if sched.in_flight or sched.remaining <= 0 or sched.stop_error:
-            logger.warning(
-                "%d carried-over job(s) still running; submitting nothing new this run",
-                len(sched.in_flight),
-            )
-        else:
-            yield from self._read_and_submit(pipeline, state, sched, known, pending, handled)
-
-        # 4. wait for everything still running, resubmitting retries while budget lasts
-        while True:
-            if (
-                pending.items
-                and sched.remaining > 0
-                and self._cap_left(sched) > 0
-                and not sched.stop_error
-            ):
-                unsent = self._await(sched.submit(pending.take(self._cap_left(sched))))
-                for item in unsent:
-                    pending.add(item)
-            fin = self._await(sched.next_finished())
-            if fin is None:
-                break
-            yield from self._handle(fin, known, pending, handled)
-
-        lost_rows = [
-            ledger.lost_job_row(lost.intent_id, lost.items, etype, self.load_id)
-            for lost in sched.lost
-        ]
-        if lost_rows:
-            yield self._table(self.s.names.jobs, lost_rows)
-        self._finish(state, journal, sched, handled, lost_reported)
-        unsent_cursor = pending.min_cursor()
-        if unsent_cursor is not None and state.get("cursor") is not None:
-            state["cursor"] = min(state["cursor"], unsent_cursor)
-        if sched.stop_error is not None:
-            # Finish the extract so everything collected is loaded; run_enrichment raises
-            # this after the load.
-            logger.error("run stopped: %s", sched.stop_error)
-            state["stop_error"] = {
-                "type": type(sched.stop_error).__name__,
-                "message": sched.stop_error.message,
-            }
-        in_flight_rows = [
-            ledger.in_flight_job_row(j, self.load_id) for j in journal.jobs(IN_FLIGHT)
-        ]
-        if in_flight_rows:
-            yield self._table(self.s.names.jobs, in_flight_rows)
-        self.stats.jobs_carried_over = len(in_flight_rows)
-        logger.info("run finished: %s", self.stats.line(len(in_flight_rows)))
-        if self.stats.lost_answers or self.stats.expired:
-            # The two ways a record can be paid twice: say so where operators look.
-            logger.warning(
-                "this run resubmitted %d batch(es) whose submit answer was lost and %d "
-                "record(s) whose results expired; see the %s ledger (status lost) and "
-                "outcomes (status expired)",
-                self.stats.lost_answers,
-                self.stats.expired,
-                self.s.names.jobs,
-            )
-        self._await(sched.__aexit__(None, None, None))
-
-    def _cap_left(self, sched: JobScheduler) -> int:
-        cap = self.s.max_records_per_run
-        if cap is None:
-            return 1 << 62
-        return max(0, cap - sched.counters.submitted_records)
+    def _submit_pending(self, limit: int) -> bool:
+        """Submit up to ``limit`` pending records; False when nothing more can go this run."""
+        sched = self.sched
+        if sched.remaining <= 0 or sched.stop_error or sched.submits_paused:
+            return False
+        n = min(limit, self._cap_left())
+        if n <= 0:
+            return False
+        if not self.pending.items:
+            return True
+        unsent = self._await(sched.submit(self.pending.take(n)))
+        for item in unsent:
+            self.pending.add(item)
+        self._sync_stats()
+        return not unsent
 
     # --- 3. reading and submitting ------------------------------------------------------
 
-    def _read_and_submit(
-        self,
-        pipeline: dlt.Pipeline,
-        state: dict[str, Any],
-        sched: JobScheduler,
-        known: KnownKeys,
-        pending: _Pending,
-        handled: list[str],
-    ) -> Iterator[Any]:
-        collected_now = dict(known.keys)
-        known.keys = load_known_keys(pipeline, self.s.names).keys
-        known.keys.update(collected_now)  # what this run already collected wins
+    def _read_and_submit(self, pipeline: dlt.Pipeline) -> Iterator[Any]:
+        collected_now = dict(self.known.keys)
+        self.known = load_known_keys(
+            pipeline, self.s.names, must_exist=bool(self.state.get("has_history"))
+        )
+        self.known.keys.update(collected_now)  # what this run already collected wins
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
-        cursor_from = state.get("cursor") if cursor_mode else None
-        last_cursor = cursor_from
-        stopped_early = False
-
-        for chunk in self.reader.rows(cursor_from):
+        last_cursor = self.state.get("cursor") if cursor_mode else None
+        stopped = False
+        for chunk in self.reader.rows(last_cursor):
             rejected: list[dict[str, Any]] = []
             reused: list[dict[str, Any]] = []
             for row in chunk:
                 self.stats.rows_read += 1
-                outcome = self._classify(row, known, now, pending, rejected, reused)
-                if outcome == "cap":
-                    stopped_early = True
+                if self._classify(row, now, rejected, reused) == "cap":
+                    stopped = True
                     break
-                last_cursor = row.cursor if cursor_mode else last_cursor
+                if row.cursor is not None and (last_cursor is None or row.cursor > last_cursor):
+                    last_cursor = row.cursor
             if rejected:
                 yield self._table(self.s.names.rejected, rejected)
             if reused:
                 yield self._table(self.s.names.outcomes, reused)
-            while len(pending.items) >= sched.records_per_job:
-                unsent = self._await(sched.submit(pending.take(sched.records_per_job)))
-                for item in unsent:
-                    pending.add(item)
-                if unsent:
-                    stopped_early = True
-                    break
-                self._sync_stats(sched)
-                for fin in sched.drain_ready():
-                    yield from self._handle(fin, known, pending, handled)
-            self._progress(sched)
-            if stopped_early or sched.remaining <= 0:
-                stopped_early = True
+                self.wrote_outcomes = True
+            per_job = self.sched.records_per_job
+            while not stopped and len(self.pending.items) >= per_job:
+                stopped = not self._submit_pending(per_job)
+                for fin in self.sched.drain_ready():
+                    yield from self._handle(fin)
+            self._progress()
+            if stopped or self.sched.remaining <= 0:
+                stopped = True
                 break
-
-        if cursor_mode and not stopped_early:
+        if cursor_mode and not stopped:
             # With a cursor only changed rows are read: stale keys come from the history.
-            for key, ks in known.stale(now, self.s.ttl_matched, self.s.ttl_not_found):
-                if ks.input and key not in sched.in_flight_items:
-                    pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
+            for key, ks in self.known.stale(now, self.s.ttl_matched, self.s.ttl_not_found):
+                if ks.input and key not in self.sched.in_flight_items:
+                    self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
-            # Never move the cursor past a row whose key was read but not yet submitted;
-            # the end of the run (_finish) moves it back if keys stay unsent.
-            state["cursor"] = last_cursor
-        self._sync_stats(sched)
+            # _finish moves it back to the first row whose key stays unsent.
+            self.state["cursor"] = last_cursor
 
     def _classify(
         self,
         row: InputRow,
-        known: KnownKeys,
         now: datetime,
-        pending: _Pending,
         rejected: list[dict[str, Any]],
         reused: list[dict[str, Any]],
     ) -> str:
+        """Decide what one input row needs. Each primary key is read once per run."""
+        if row.pk is None:
+            self.stats.rejected += 1
+            detail = "the primary key column is NULL: the row cannot be traced"
+            rejected.append(
+                ledger.rejected_row(NULL_PK, "null_primary_key", detail, now, self.load_id)
+            )
+            return "rejected"
         norm = normalize_record(self.s.enrichment_type, row.values)
         if not isinstance(norm, Normalized):
             self.stats.rejected += 1
@@ -387,18 +380,19 @@ class EnrichmentRun:
             )
             return "rejected"
         key = norm.key
-        if key in pending.items:
-            if row.pk not in pending.items[key].pks:
-                pending.items[key].pks.append(row.pk)
+        if key in self.pending.items:
+            self.pending.items[key].pks.append(row.pk)
             return "pending"
-        in_flight = self._in_flight_items.get(key)
+        in_flight = self.sched.in_flight_items.get(key)
         if in_flight is not None:
-            if row.pk not in in_flight.pks:
-                in_flight.pks.append(row.pk)
+            in_flight.pks.append(row.pk)  # its outcome comes with the job's
             return "in_flight"
-        ks = known.keys.get(key)
-        if ks is not None and known.is_fresh(key, now, self.s.ttl_matched, self.s.ttl_not_found):
+        ks = self.known.keys.get(key)
+        if ks is not None and self.known.is_fresh(
+            key, now, self.s.ttl_matched, self.s.ttl_not_found
+        ):
             if row.pk not in ks.pks:
+                # A new row for a key already enriched: trace it, pay nothing.
                 ks.pks.add(row.pk)
                 self.stats.reused += 1
                 reused.append(
@@ -416,17 +410,14 @@ class EnrichmentRun:
                 )
             return "fresh"
         cap = self.s.max_records_per_run
-        if cap is not None and self.stats.records_submitted + len(pending.items) >= cap:
+        if (
+            cap is not None
+            and self.sched.counters.submitted_records + len(self.pending.items) >= cap
+        ):
             return "cap"
         attempt = ks.retries + 1 if ks is not None and ks.status not in FINAL_STATUSES else 1
-        pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))
+        self.pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))
         return "new"
-
-    def _sync_stats(self, sched: JobScheduler) -> None:
-        c = sched.counters
-        self.stats.jobs_submitted = c.submitted_jobs
-        self.stats.records_submitted = c.submitted_records
-        self.stats.lost_answers = self._lost_from_journal + c.lost_answers
 
     # --- handling finished jobs --------------------------------------------------------
 
@@ -434,18 +425,41 @@ class EnrichmentRun:
         if fin.job.items is not None:
             return fin.job.items
         if fin.results is None:
+            logger.warning(
+                "job %s (%s) was known only from dlt state, without its records: they "
+                "are not resubmitted now; a full input scan finds them again",
+                fin.job.job_id,
+                fin.kind,
+            )
             return []
         # A job adopted from dlt state: rebuild the keys from the echoed inputs.
         items = []
         for r in fin.results.results:
             norm = normalize_record(self.s.enrichment_type, r.input)
-            key = norm.key if isinstance(norm, Normalized) else f"invalid:{r.index}"
+            key = (
+                norm.key if isinstance(norm, Normalized) else f"invalid:{fin.job.job_id}:{r.index}"
+            )
             items.append(BatchItem(key, r.input, [], fin.job.attempt))
         return items
 
-    def _handle(
-        self, fin: Finished, known: KnownKeys, pending: _Pending, handled: list[str]
-    ) -> Iterator[Any]:
+    def _results_match(
+        self, job_id: str, items: list[BatchItem], results: list[RecordResult]
+    ) -> bool:
+        """True if ``results`` answer ``items`` one for one; else say why, loudly."""
+        problem = None
+        if sorted(r.index for r in results) != list(range(len(items))):
+            problem = f"result indexes are not 0..{len(items) - 1}"
+        else:
+            for item, result in zip(items, _by_index(results), strict=True):
+                echoed = normalize_record(self.s.enrichment_type, result.input)
+                if not isinstance(echoed, Normalized) or echoed.key != item.key:
+                    problem = f"result {result.index} echoes another input than was sent"
+                    break
+        if problem:
+            logger.error("job %s: %s; it stays in the ledger for the next run", job_id, problem)
+        return problem is None
+
+    def _handle(self, fin: Finished) -> Iterator[Any]:
         job = fin.job
         now = self._now()
         items = self._items_of(fin)
@@ -454,15 +468,8 @@ class EnrichmentRun:
         counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
         if fin.kind == COMPLETED and fin.results is not None:
             results = fin.results.results
-            if len(results) != len(items):
-                # Not ours to guess: leave the job in flight for the next run to look at.
-                logger.error(
-                    "job %s returned %d results for %d records; it stays in the ledger",
-                    job.job_id,
-                    len(results),
-                    len(items),
-                )
-                return
+            if not self._results_match(job.job_id, items, results):
+                return  # not handled: the journal keeps it in flight
             for item, result in zip(items, _by_index(results), strict=True):
                 status = result.status.value
                 counts[status] += 1
@@ -472,7 +479,9 @@ class EnrichmentRun:
                 )
                 if status == "matched":
                     enriched.append(enrichment_row(item.key, job.job_id, now, result))
-                known.keys[item.key] = KeyState(status, now, job.job_id, item.record, set(item.pks))
+                self.known.keys[item.key] = KeyState(
+                    status, now, job.job_id, item.record, set(item.pks)
+                )
             self.stats.records_collected += len(results)
         else:
             if fin.kind == EXPIRED:
@@ -484,43 +493,62 @@ class EnrichmentRun:
                     len(items),
                 )
             for item in items:
-                if item.attempt < self.s.max_attempts:
+                if fin.kind != REJECTED and item.attempt < self.s.max_attempts:
                     status, err = fin.kind, fin.error
-                    pending.add(BatchItem(item.key, item.record, item.pks, item.attempt + 1))
+                    self.pending.add(BatchItem(item.key, item.record, item.pks, item.attempt + 1))
                     self.stats.resubmitted += 1
                 else:
-                    status, err = "error", f"gave up after {item.attempt} attempts: {fin.error}"
+                    status = "error"
+                    err = f"{fin.kind} after {item.attempt} attempt(s): {fin.error}"
                     counts["error"] += 1
-                    known.keys[item.key] = KeyState(
+                    self.known.keys[item.key] = KeyState(
                         status, now, job.job_id, item.record, set(item.pks)
                     )
                 outcomes.extend(
                     ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
                 )
         self.stats.jobs_done += 1
-        handled.append(job.job_id)
+        self.handled.append(job.job_id)
         if enriched:
             yield self._table(self.s.names.enrichment, enriched)
         if outcomes:
             yield self._table(self.s.names.outcomes, outcomes)
+            self.wrote_outcomes = True
         yield self._table(self.s.names.jobs, [ledger.finished_job_row(fin, counts, self.load_id)])
 
     # --- end of run -------------------------------------------------------------------
 
-    def _finish(
-        self,
-        state: dict[str, Any],
-        journal: Journal,
-        sched: JobScheduler,
-        handled: list[str],
-        lost_reported: list[str],
-    ) -> None:
-        journal.mark_fetched(handled, self.load_id)
-        lost_now = [lost.intent_id for lost in sched.lost]
-        journal.forget(intent_ids=[*lost_reported, *lost_now])
-        # dlt state mirrors the in-flight jobs (metadata only): it survives a wiped working
-        # dir because it travels with the load package to the destination.
-        state["jobs"] = {
+    def _finish(self, journal: Journal, lost: list[LostSubmit]) -> Iterator[Any]:
+        sched = self.sched
+        etype = self.s.enrichment_type.value
+        for answer in sched.lost:
+            row = ledger.lost_job_row(answer.intent_id, answer.items, etype, self.load_id)
+            yield self._table(self.s.names.jobs, [row])
+        still_running = journal.jobs(IN_FLIGHT)
+        if still_running:
+            yield self._table(
+                self.s.names.jobs,
+                [ledger.in_flight_job_row(j, self.load_id) for j in still_running],
+            )
+        # Everything below commits with this extract (dlt state) or must match it
+        # (journal): no yield after this point.
+        journal.mark_fetched(self.handled, self.load_id)
+        unsent = set(self.pending.items)
+        lost_submits = [(s.intent_id, s.items) for s in lost]
+        lost_submits += [(a.intent_id, a.items) for a in sched.lost]
+        journal.forget(
+            intent_ids=[
+                intent_id
+                for intent_id, items in lost_submits
+                if not any(i.key in unsent for i in items)  # else report it again next run
+            ]
+        )
+        for job in sched.polled_jobs():
+            if job.job_id not in self.handled:
+                journal.update_items(job)  # rows that joined it late must get their outcome
+        # dlt state mirrors the in-flight jobs (metadata only): it survives a lost journal
+        # because it travels with the load package to the destination.
+        self.state["jobs"] = {
             j.job_id: {
                 "type": j.type,
                 "attempt": j.attempt,
@@ -530,7 +558,32 @@ class EnrichmentRun:
             }
             for j in journal.jobs(IN_FLIGHT)
         }
-        self._sync_stats(sched)
+        unsent_cursor = self.pending.min_cursor()
+        if unsent_cursor is not None and self.state.get("cursor") is not None:
+            self.state["cursor"] = min(self.state["cursor"], unsent_cursor)
+        if self.wrote_outcomes:
+            self.state["has_history"] = True
+        if sched.stop_error is not None:
+            # The extract finishes so everything collected is loaded; run_enrichment
+            # raises this after the load.
+            logger.error("run stopped: %s", sched.stop_error)
+            self.state["stop_error"] = {
+                "type": type(sched.stop_error).__name__,
+                "message": sched.stop_error.message,
+            }
+        self._sync_stats()
+        logger.info("run finished: %s", self.stats.line(len(self.state["jobs"])))
+        if self.stats.lost_answers or self.stats.expired:
+            # The two ways a record can be paid twice: say so where operators look.
+            logger.warning(
+                "this run resubmitted %d batch(es) whose submit answer was lost and %d "
+                "record(s) whose results expired; see %s (status lost) and %s (status "
+                "expired)",
+                self.stats.lost_answers,
+                self.stats.expired,
+                self.s.names.jobs,
+                self.s.names.outcomes,
+            )
 
 
 def _by_index(results: list[RecordResult]) -> list[RecordResult]:

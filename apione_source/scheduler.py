@@ -1,7 +1,7 @@
 """Packs records into ApiOne jobs within the plan's limits and polls them to completion.
 
 One :class:`JobScheduler` serves one run. It never has more jobs in flight than the plan
-allows (a semaphore, plus waiting out 429 ``concurrent_job_limit`` when another process
+allows (a slot count, plus waiting out 429 ``concurrent_job_limit`` when another process
 shares the key), shrinks batches on 413, polls every job concurrently through the async
 client (first look at about the server's estimate, then capped exponential backoff with
 jitter), and stops at the run's wait budget: jobs still running then are left to the next
@@ -17,13 +17,15 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from apione_source.client import AsyncApiOneClient
 from apione_source.errors import (
+    ApiOneError,
+    BadRequestError,
     JobNotFoundError,
-    MalformedResponseError,
     NotReadyError,
     ResultsExpiredError,
     RetryableError,
@@ -32,7 +34,7 @@ from apione_source.errors import (
     SubmitOutcomeUnknownError,
     WaitForCapacityError,
 )
-from apione_source.journal import BatchItem, Journal, JournalJob
+from apione_source.journal import IN_FLIGHT, BatchItem, Journal, JournalJob
 from apione_source.models import Job, JobResults, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,9 @@ FAILED = "failed"
 EXPIRED = "expired"
 TIMED_OUT = "timed_out"
 VANISHED = "vanished"
+REJECTED = "rejected"  # ApiOne refused the batch (e.g. 400): recorded, not retried
+
+_MAX_LOST_STREAK = 3
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class _Counters:
 
 @dataclass
 class JobScheduler:
-    """Submits batches and polls jobs for one run. Use as an async context manager."""
+    """Submits batches and polls jobs for one run; :meth:`close` when done."""
 
     client: AsyncApiOneClient
     journal: Journal
@@ -124,6 +129,8 @@ class JobScheduler:
         self.records_per_job = self.settings.records_per_job
         self.finished: asyncio.Queue[Finished] = asyncio.Queue()
         self.lost: list[LostAnswer] = []
+        self._lost_streak = 0
+        self.submits_paused = False
         # Set when ApiOne answers 401/402: nothing more is sent or polled this run.
         self.stop_error: StopRunError | None = None
         self.counters = _Counters()
@@ -132,13 +139,12 @@ class JobScheduler:
         self._active = 0
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._jobs: dict[str, JournalJob] = {}
         # key -> item of every job being polled, so a late duplicate row joins its job
         self.in_flight_items: dict[str, BatchItem] = {}
 
-    async def __aenter__(self) -> JobScheduler:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
+    async def close(self) -> None:
+        """Stop polling (jobs still running are carried over by the journal)."""
         for task in self._pollers.values():
             task.cancel()
         await asyncio.gather(*self._pollers.values(), return_exceptions=True)
@@ -161,11 +167,11 @@ class JobScheduler:
         """Submit ``items`` as one or more jobs, waiting for free slots.
 
         Returns:
-            The items not submitted because the wait budget ran out or the run must
-            stop (empty when everything was sent).
+            The items not submitted because the wait budget ran out, submits were paused
+            after lost answers, or the run must stop (empty when everything was sent).
         """
         unsent = list(items)
-        while unsent:
+        while unsent and not self.submits_paused:
             batch = unsent[: self.records_per_job]  # re-read: a 413 may shrink it
             if not await self._acquire_slot():
                 return unsent
@@ -175,14 +181,16 @@ class JobScheduler:
                 await self._release_slot()
                 self.stop_error = exc
                 return unsent
-            if outcome == "sent":
+            if outcome in ("sent", "rejected"):
                 del unsent[: len(batch)]
+                if outcome == "rejected":
+                    await self._release_slot()
                 continue
-            # shrink, lost (resubmitted: the one accepted double payment) or wait for capacity
+            # shrink, lost (resubmitted: the one accepted double payment) or wait
             await self._release_slot()
             if wait and not await self._wait(wait):
                 return unsent
-        return []
+        return unsent
 
     async def _acquire_slot(self) -> bool:
         remaining = self.remaining
@@ -194,9 +202,9 @@ class JobScheduler:
                 await asyncio.wait_for(
                     self._slot_freed.wait_for(lambda: self._active < limit), timeout=remaining
                 )
+                self._active += 1
         except asyncio.TimeoutError:
             return False
-        self._active += 1
         return True
 
     async def _release_slot(self) -> None:
@@ -211,39 +219,79 @@ class JobScheduler:
         return True
 
     async def _submit_one(self, batch: list[BatchItem]) -> tuple[str, float]:
-        """Send one batch. Returns what happened and how long to wait before retrying."""
+        """Send one batch. Returns what happened and how long to wait before going on."""
         attempt = max(i.attempt for i in batch)
         intent = self.journal.begin_submit(self.enrichment_type, attempt, batch, self.wall_clock())
         try:
             answer = await self.client.submit_job(
                 self.enrichment_type, [i.record for i in batch], self.settings.webhook_url
             )
-        except ShrinkBatchError as exc:
-            self.journal.abandon(intent)
-            limit = exc.limit or max(1, len(batch) // 2)
-            logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
-            self.records_per_job = min(self.records_per_job, limit)
-            return "shrink", 0.0
-        except WaitForCapacityError as exc:
-            self.journal.abandon(intent)
-            self.counters.capacity_waits += 1
-            return "wait", exc.retry_after or 1.0
         except SubmitOutcomeUnknownError as exc:
-            # The job may exist and be billed; the intent stays in the journal until the
-            # ledger row that reports it is loaded.
-            self.counters.lost_answers += 1
-            self.lost.append(LostAnswer(intent, batch, str(exc)))
-            logger.warning("submit outcome unknown, resubmitting %d records: %s", len(batch), exc)
-            return "lost", self.settings.poll_min_seconds
-        except BaseException:
-            # Anything else was answered by the server (4xx) or never sent: no job exists.
+            return self._lost_answer(intent, batch, exc)
+        except ApiOneError as exc:
+            # ApiOne answered, or the request never left: no job exists.
             self.journal.abandon(intent)
-            raise
+            return self._refused(batch, exc)
+        # Anything else (cancellation, KeyboardInterrupt, a bug) may have struck while the
+        # request was in the air: the intent stays and the next run reports it as lost.
         job = self.journal.submitted(intent, answer.job_id, self.run_id, self.wall_clock())
+        self._lost_streak = 0
         self.counters.submitted_jobs += 1
         self.counters.submitted_records += len(batch)
         self._start_polling(job, first_look=float(answer.estimated_completion_seconds))
         return "sent", 0.0
+
+    def _lost_answer(
+        self, intent: str, batch: list[BatchItem], exc: SubmitOutcomeUnknownError
+    ) -> tuple[str, float]:
+        # The job may exist and be billed; the intent stays in the journal until the
+        # ledger row that reports it is written.
+        self.counters.lost_answers += 1
+        self.lost.append(LostAnswer(intent, batch, str(exc)))
+        self._lost_streak += 1
+        if self._lost_streak >= _MAX_LOST_STREAK:
+            # Every resend may be billed: stop submitting until the next run.
+            logger.error(
+                "%d submit answers lost in a row; no more submits this run", self._lost_streak
+            )
+            self.submits_paused = True
+            return "lost", 0.0
+        logger.warning("submit outcome unknown, resubmitting %d records: %s", len(batch), exc)
+        return "lost", self._backoff(self._lost_streak + 3)
+
+    def _refused(self, batch: list[BatchItem], exc: ApiOneError) -> tuple[str, float]:
+        if isinstance(exc, StopRunError):
+            raise exc
+        if isinstance(exc, ShrinkBatchError):
+            limit = min(exc.limit or len(batch) // 2, len(batch) - 1)
+            if limit < 1:
+                return self._reject(batch, exc)
+            logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
+            self.records_per_job = min(self.records_per_job, limit)
+            return "shrink", 0.0
+        if isinstance(exc, WaitForCapacityError):
+            self.counters.capacity_waits += 1
+            return "wait", exc.retry_after or 1.0
+        if isinstance(exc, RetryableError):  # the client's own retries ran out
+            return "wait", exc.retry_after or self.settings.poll_max_seconds / 4
+        return self._reject(batch, exc)
+
+    def _reject(self, batch: list[BatchItem], exc: ApiOneError) -> tuple[str, float]:
+        # A 400 (or another refusal) will not go away by retrying: record it per record
+        # instead of failing every run on the same batch.
+        logger.error("ApiOne refused a batch of %d records: %s", len(batch), exc)
+        job = JournalJob(
+            job_id=f"rejected_{uuid.uuid4().hex}",
+            type=self.enrichment_type,
+            state=IN_FLIGHT,
+            attempt=max(i.attempt for i in batch),
+            record_count=len(batch),
+            submitted_at=self.wall_clock(),
+            run_id=self.run_id,
+            items=batch,
+        )
+        self.finished.put_nowait(Finished(job, REJECTED, error=str(exc)))
+        return "rejected", 0.0
 
     # --- polling ---------------------------------------------------------------------------
 
@@ -253,7 +301,12 @@ class JobScheduler:
             self._active += 1
             self._start_polling(job, first_look=0.0)
 
+    def polled_jobs(self) -> list[JournalJob]:
+        """Every job polled this run, finished or not."""
+        return list(self._jobs.values())
+
     def _start_polling(self, job: JournalJob, first_look: float) -> None:
+        self._jobs[job.job_id] = job
         for item in job.items or ():
             self.in_flight_items[item.key] = item
         self._pollers[job.job_id] = asyncio.create_task(self._poll(job, first_look))
@@ -280,13 +333,14 @@ class JobScheduler:
             except RetryableError as exc:
                 logger.info("job %s: status unavailable (%s); looking again later", job.job_id, exc)
                 continue
-            except MalformedResponseError as exc:
-                # Keep the job for the next run; a human should see this.
-                logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
-                self.counters.carried_over += 1
-                return
             except StopRunError as exc:
                 self.stop_error = exc
+                return
+            except ApiOneError as exc:
+                # A malformed answer or an unexpected refusal: keep the job for the next
+                # run, and say so loudly; a human should look at it.
+                logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
+                self.counters.carried_over += 1
                 return
             if end is not None:
                 await self._release_slot()
@@ -298,7 +352,8 @@ class JobScheduler:
     async def _look(self, job: JournalJob) -> Finished | None:
         try:
             status = await self.client.get_job(job.job_id)
-        except JobNotFoundError as exc:
+        except (JobNotFoundError, BadRequestError) as exc:
+            # ApiOne does not know the job (or its id is not one): resubmit its records.
             return Finished(job, VANISHED, error=str(exc))
         if status.status is JobStatus.FAILED:
             reason = status.error.message if status.error else "failed"
@@ -308,6 +363,8 @@ class JobScheduler:
                 results = await self.client.get_results(job.job_id)
             except NotReadyError:
                 return None
+            except JobNotFoundError as exc:
+                return Finished(job, VANISHED, status=status, error=str(exc))
             except ResultsExpiredError as exc:
                 return Finished(job, EXPIRED, status=status, error=str(exc))
             return Finished(job, COMPLETED, results=results, status=status)

@@ -14,6 +14,7 @@ from typing import Any
 import dlt
 from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
+from dlt.common.typing import TSecretValue
 from dlt.extract.resource import DltResource
 
 from apione_source.client import AsyncApiOneClient
@@ -28,13 +29,7 @@ from apione_source.reader import InputReader, InputSpec
 from apione_source.run import EnrichmentRun, RunSettings
 from apione_source.scheduler import SchedulerSettings
 from apione_source.settings import DEFAULT_BASE_URL, MAX_RECORDS_PER_JOB, get_plan
-from apione_source.tables import (
-    JOB_COLUMNS,
-    OUTCOME_COLUMNS,
-    REJECTED_COLUMNS,
-    TableNames,
-    enrichment_columns,
-)
+from apione_source.tables import TableNames, apply_table_hints
 
 #: ApiOne input field -> input column, when ``input_columns`` is not configured.
 DEFAULT_INPUT_COLUMNS: dict[EnrichmentType, dict[str, str]] = {
@@ -82,6 +77,18 @@ def _input_columns(etype: EnrichmentType, configured: dict[str, str] | None) -> 
     return columns
 
 
+def _check_ranges(**values: tuple[float | None, float, float | None]) -> None:
+    """Raise a ConfigurationError naming the first setting outside its range."""
+    for name, (value, low, high) in values.items():
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            upper = f" and at most {high}" if high is not None else ""
+            raise ConfigurationError(
+                f"sources.apione.{name} must be at least {low}{upper}, got {value}"
+            )
+
+
 @dlt.source(name="apione", section="apione", max_table_nesting=2)
 def apione(
     api_key: str = dlt.secrets.value,
@@ -91,7 +98,7 @@ def apione(
     input_columns: dict[str, str] | None = None,
     input_dataset: str = "main",
     input_destination: TDestinationReferenceArg = "duckdb",
-    input_credentials: Any = None,
+    input_credentials: TSecretValue | None = None,
     cursor_column: str | None = None,
     base_url: str = DEFAULT_BASE_URL,
     plan: str = "growth",
@@ -152,14 +159,21 @@ def apione(
         )
     etype = _enrichment_type(enrichment_type)
     the_plan = get_plan(plan)
-    per_job = records_per_job or the_plan.records_per_job
-    if not 1 <= per_job <= MAX_RECORDS_PER_JOB:
-        raise ConfigurationError(f"records_per_job must be 1..{MAX_RECORDS_PER_JOB}, got {per_job}")
-    slots = concurrent_jobs or the_plan.concurrent_jobs
-    if slots < 1 or max_attempts < 1 or wait_budget_seconds < 0:
-        raise ConfigurationError(
-            "concurrent_jobs and max_attempts must be >= 1, wait_budget_seconds >= 0"
-        )
+    per_job = the_plan.records_per_job if records_per_job is None else records_per_job
+    slots = the_plan.concurrent_jobs if concurrent_jobs is None else concurrent_jobs
+    retention = the_plan.retention_seconds if retention_seconds is None else retention_seconds
+    _check_ranges(
+        records_per_job=(per_job, 1, MAX_RECORDS_PER_JOB),
+        concurrent_jobs=(slots, 1, None),
+        max_attempts=(max_attempts, 1, None),
+        chunk_size=(chunk_size, 1, None),
+        max_records_per_run=(max_records_per_run, 1, None),
+        wait_budget_seconds=(wait_budget_seconds, 0, None),
+        job_timeout_seconds=(job_timeout_seconds, 1, None),
+        ttl_matched_days=(ttl_matched_days, 0, None),
+        ttl_not_found_days=(ttl_not_found_days, 0, None),
+        retention_seconds=(retention, 1, None),
+    )
     names = TableNames(table_prefix, etype)
     destination = input_destination
     if input_credentials is not None and isinstance(input_destination, str):
@@ -176,57 +190,32 @@ def apione(
         chunk_size=chunk_size,
     )
     reader.check()
-    retention = retention_seconds or the_plan.retention_seconds
+    resource_name = f"{etype.value}_enrichment"
     settings = RunSettings(
         enrichment_type=etype,
+        resource_name=resource_name,
         names=names,
         scheduler=SchedulerSettings(
             records_per_job=per_job,
             concurrent_jobs=slots,
             wait_budget_seconds=wait_budget_seconds,
-            # never wait so long that results could be deleted before we look
-            job_timeout_seconds=min(job_timeout_seconds, retention / 2),
+            job_timeout_seconds=job_timeout_seconds,
             webhook_url=webhook_url,
         ),
         ttl_matched=timedelta(days=ttl_matched_days),
         ttl_not_found=timedelta(days=ttl_not_found_days),
         max_records_per_run=max_records_per_run,
         max_attempts=max_attempts,
+        retention_seconds=retention,
     )
 
     def enrichment() -> Any:
         client = AsyncApiOneClient(api_key, base_url, max_connections=slots + 4)
         yield from EnrichmentRun(settings, client, reader)
 
-    resource = dlt.resource(enrichment, name="enrichment", write_disposition="append")
-    _apply_table_hints(resource, names, etype, scd2)
+    resource = dlt.resource(enrichment, name=resource_name, write_disposition="append")
+    apply_table_hints(resource, names, etype, scd2)
     return resource
-
-
-def _apply_table_hints(
-    resource: DltResource, names: TableNames, etype: EnrichmentType, scd2: bool
-) -> None:
-    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
-    enrichment_disposition: Any = (
-        {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
-        if scd2
-        else merge
-    )
-    variants: list[tuple[str, Any, Any, Any]] = [
-        (names.enrichment, enrichment_disposition, enrichment_columns(etype), "key"),
-        (names.jobs, merge, JOB_COLUMNS, "job_id"),
-        (names.outcomes, merge, OUTCOME_COLUMNS, "outcome_id"),
-        (names.rejected, merge, REJECTED_COLUMNS, "input_pk"),
-    ]
-    for table, disposition, columns, key in variants:
-        resource.apply_hints(
-            table_name=table,
-            write_disposition=disposition,
-            columns=columns,
-            primary_key=None if scd2 and table == names.enrichment else key,
-            merge_key=key if scd2 and table == names.enrichment else None,
-            create_table_variant=True,
-        )
 
 
 def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> Any:
@@ -250,14 +239,11 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
     if pipeline.has_pending_data:
         pipeline.run()
     info = pipeline.run(source, **run_kwargs)
-    stop = (
-        pipeline.state.get("sources", {})
-        .get(source.name, {})
-        .get("resources", {})
-        .get("enrichment", {})
-        .get("stop_error")
-    )
-    if stop:
+    resources_state = pipeline.state.get("sources", {}).get(source.name, {}).get("resources", {})
+    for name in source.resources:
+        stop = resources_state.get(name, {}).get("stop_error")
+        if not stop:
+            continue
         error_class = {
             "AuthenticationError": AuthenticationError,
             "InsufficientCreditsError": InsufficientCreditsError,

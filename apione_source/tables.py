@@ -25,6 +25,7 @@ from typing import Any, get_args, get_origin
 
 from dlt.common.libs.pydantic import pydantic_to_table_schema_columns
 from dlt.common.schema.typing import TTableSchemaColumns
+from dlt.extract.resource import DltResource
 from pydantic import BaseModel
 
 from apione_source.models import PAYLOAD_MODELS, EnrichmentType, RecordResult
@@ -35,9 +36,9 @@ ENRICHMENT_TABLES = {
     EnrichmentType.EMAIL: "email_checks",
 }
 
-# Outcome statuses. The first four come from ApiOne; the rest are ours.
+# Final outcome statuses (from ApiOne). Any other status (failed, expired, timed_out,
+# vanished, lost) means the record is, or will be, resubmitted.
 FINAL_STATUSES = ("matched", "not_found", "invalid", "error")
-RETRY_STATUSES = ("failed", "expired", "timed_out", "lost")
 
 
 class TableNames:
@@ -138,3 +139,30 @@ def enrichment_row(
     data_hash = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
     data.update(key=key, job_id=job_id, enriched_at=enriched_at, data_hash=data_hash)
     return data
+
+
+def apply_table_hints(
+    resource: DltResource, names: TableNames, etype: EnrichmentType, scd2: bool
+) -> None:
+    """Give each table the resource yields to its own merge key, columns and disposition."""
+    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
+    enrichment_disposition: Any = (
+        {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
+        if scd2
+        else merge
+    )
+    variants: list[tuple[str, Any, Any, Any]] = [
+        (names.enrichment, enrichment_disposition, enrichment_columns(etype), "key"),
+        (names.jobs, merge, JOB_COLUMNS, "job_id"),
+        (names.outcomes, merge, OUTCOME_COLUMNS, "outcome_id"),
+        (names.rejected, merge, REJECTED_COLUMNS, "input_pk"),
+    ]
+    for table, disposition, columns, key in variants:
+        resource.apply_hints(
+            table_name=table,
+            write_disposition=disposition,
+            columns=columns,
+            primary_key=None if scd2 and table == names.enrichment else key,
+            merge_key=key if scd2 and table == names.enrichment else None,
+            create_table_variant=True,
+        )

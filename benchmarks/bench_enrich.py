@@ -44,8 +44,8 @@ from apione_source.models import EnrichmentType, RecordResult, RecordStatus
 from apione_source.normalize import Normalized, normalize_record
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox import data as sandbox_data
-from apione_source.source import _apply_table_hints, apione, run_enrichment
-from apione_source.tables import TableNames, enrichment_row, outcome_id
+from apione_source.source import apione, run_enrichment
+from apione_source.tables import TableNames, apply_table_hints, enrichment_row, outcome_id
 
 API_KEY = "sk_test_bench"
 PLAN = "scale"
@@ -339,8 +339,8 @@ def baseline_source(batches: list[list[tuple[str, list[dict[str, Any]]]]]) -> An
             for table, rows in batch:
                 yield dlt.mark.with_table_name(rows, table)
 
-    resource = dlt.resource(enrichment, name="enrichment", write_disposition="append")
-    _apply_table_hints(resource, NAMES, ETYPE, scd2=False)
+    resource = dlt.resource(enrichment, name="company_enrichment", write_disposition="append")
+    apply_table_hints(resource, NAMES, ETYPE, scd2=False)
     return resource
 
 

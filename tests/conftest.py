@@ -6,11 +6,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dlt
+import duckdb
 import pytest
 from dlt.common.configuration.container import Container
 from dlt.common.configuration.specs.pluggable_run_context import PluggableRunContext
 
 from apione_source.sandbox import Sandbox
+from tests.e2e import Env
 
 SANDBOX_API_KEY = "sk_test_sandbox"
 
@@ -92,3 +95,30 @@ def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     finally:
         monkeypatch.undo()
         ctx.reload(original_run_dir)
+
+
+@pytest.fixture
+def make_env(tmp_path: Path, sandbox_factory: Callable[..., Sandbox]) -> Callable[..., Env]:
+    """Build an Env: a sandbox (any Sandbox kwargs), an input warehouse and a pipeline."""
+
+    def make(input_ddl: str | None = None, **sandbox_kwargs: Any) -> Env:
+        warehouse = tmp_path / "warehouse.duckdb"
+        con = duckdb.connect(str(warehouse))
+        try:
+            con.execute("CREATE SCHEMA crm")
+            con.execute(
+                input_ddl
+                or "CREATE TABLE crm.companies(id INT, domain VARCHAR, updated_at TIMESTAMP)"
+            )
+        finally:
+            con.close()
+        out = tmp_path / "destination.duckdb"
+        pipeline = dlt.pipeline(
+            pipeline_name="apione_e2e",
+            destination=dlt.destinations.duckdb(str(out)),
+            dataset_name="enriched",
+            pipelines_dir=str(tmp_path / "pipelines"),
+        )
+        return Env(tmp_path, sandbox_factory(**sandbox_kwargs), warehouse, out, pipeline)
+
+    return make

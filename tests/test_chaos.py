@@ -20,13 +20,12 @@ from apione_source.journal import Journal
 from apione_source.retry import RetryPolicy
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import unit_hash
-from tests.test_pipeline_e2e import (
+from tests.e2e import (
     COMPANY,
     TEN_KB,
     Env,
     assert_no_duplicate_keys,
     company_key,
-    make_env,  # noqa: F401  (a fixture)
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -92,7 +91,7 @@ class Expirer(threading.Thread):
 
 
 @pytest.fixture
-def chaos_env(make_env: Callable[..., Env], fast_retries: None) -> Iterator[tuple[Env, Expirer]]:  # noqa: F811
+def chaos_env(make_env: Callable[..., Env], fast_retries: None) -> Iterator[tuple[Env, Expirer]]:
     env = make_env(
         seed=SEED,
         failure_rate=FAILURE_RATE,
@@ -119,7 +118,9 @@ def test_given_faulty_api_when_run_until_idle_then_every_row_has_one_final_outco
     valid_pks = {str(pk) for pk, _ in valid + dups}
 
     started = time.monotonic()
-    journal = Journal.path_for(env.pipeline.pipelines_dir, env.pipeline.pipeline_name)
+    journal = Journal.path_for(
+        env.pipeline.pipelines_dir, env.pipeline.pipeline_name, "company_enrichment"
+    )
     for _run in range(5):
         env.run(records_per_job=RECORDS_PER_JOB, max_attempts=MAX_ATTEMPTS, wait_budget_seconds=60)
         in_flight = env.query(

@@ -27,7 +27,7 @@ import pytest
 
 from apione_source.journal import Journal
 from apione_source.sandbox import Sandbox
-from tests.test_pipeline_e2e import COMPANY, TEN_KB, company_key
+from tests.e2e import COMPANY, TEN_KB, company_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
@@ -136,7 +136,7 @@ def run_runner(
 
 
 def journal_path(workdir: Path) -> Path:
-    return Journal.path_for(workdir / "pipelines", PIPELINE_NAME)
+    return Journal.path_for(workdir / "pipelines", PIPELINE_NAME, "company_enrichment")
 
 
 def read_journal(workdir: Path) -> tuple[list[tuple[str, str, int, str | None]], list[int]]:

@@ -8,171 +8,26 @@ writer per file) and the sandbox's usage counters (what ApiOne would bill).
 
 from __future__ import annotations
 
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import dlt
 import duckdb
 import pytest
 
-from apione_source import apione, run_enrichment
 from apione_source.errors import ConfigurationError
-from apione_source.models import EnrichmentType
-from apione_source.sandbox import Sandbox
-from apione_source.sandbox.data import canonical_json, is_not_found
-from apione_source.tables import TableNames
-
-COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
-PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
-EMAIL = TableNames("apione_", EnrichmentType.EMAIL)
-
-TEN_KB = "a" * 10_240
-
-
-# --- helpers --------------------------------------------------------------------------------
-
-
-class RealTimeClock:
-    """Real unix time plus an offset the test can push forward (for the sandbox only)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-def company_key(domain: str) -> str:
-    """The sandbox's billing key of a company record with this (normalized) domain."""
-    return canonical_json({"domain": domain})
-
-
-def found_domains(n: int, prefix: str = "co") -> list[str]:
-    """``n`` distinct domains the sandbox matches (not in its simulated not_found share)."""
-    out, i = [], 0
-    while len(out) < n:
-        d = f"{prefix}{i}.com"
-        if not is_not_found(company_key(d)):
-            out.append(d)
-        i += 1
-    return out
-
-
-@dataclass
-class Env:
-    """One test's warehouse, destination file and pipeline."""
-
-    tmp: Path
-    sandbox: Sandbox
-    warehouse: Path
-    out: Path
-    pipeline: dlt.Pipeline
-
-    # warehouse side ---------------------------------------------------------------------
-
-    def exec(self, sql: str, params: Iterable[Any] | None = None) -> None:
-        con = duckdb.connect(str(self.warehouse))
-        try:
-            con.execute(sql, params) if params is not None else con.execute(sql)
-        finally:
-            con.close()
-
-    def insert_companies(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Insert (id, domain) or (id, domain, updated_at) rows in one statement."""
-        full = [r if len(r) == 3 else (*r, "2024-01-01") for r in rows]
-        marks = ", ".join(["(?, ?, CAST(? AS TIMESTAMP))"] * len(full))
-        self.exec(f"INSERT INTO crm.companies VALUES {marks}", [v for r in full for v in r])
-
-    # destination side -------------------------------------------------------------------
-
-    def query(self, sql: str, params: Iterable[Any] | None = None) -> list[tuple[Any, ...]]:
-        con = duckdb.connect(str(self.out), read_only=True)
-        try:
-            cur = con.execute(sql, params) if params is not None else con.execute(sql)
-            return cur.fetchall()
-        finally:
-            con.close()
-
-    def tables(self) -> set[str]:
-        if not self.out.exists():
-            return set()
-        rows = self.query(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'enriched'"
-        )
-        return {r[0] for r in rows}
-
-    def count(self, table: str) -> int:
-        if table not in self.tables():
-            return 0
-        return int(self.query(f"SELECT count(*) FROM enriched.{table}")[0][0])
-
-    # running ----------------------------------------------------------------------------
-
-    def run(self, **overrides: Any) -> Any:
-        kwargs: dict[str, Any] = {
-            "api_key": self.sandbox.config.api_key,
-            "base_url": self.sandbox.base_url,
-            "enrichment_type": "company",
-            "input_table": "companies",
-            "primary_key": "id",
-            "input_dataset": "crm",
-            "input_credentials": str(self.warehouse),
-            "wait_budget_seconds": 30,
-        }
-        kwargs.update(overrides)
-        info = run_enrichment(self.pipeline, apione(**kwargs))
-        info.raise_on_failed_jobs()
-        return info
-
-
-@pytest.fixture
-def make_env(tmp_path: Path, sandbox_factory: Callable[..., Sandbox]) -> Callable[..., Env]:
-    """Build an Env: a sandbox (any Sandbox kwargs), an input warehouse and a pipeline."""
-
-    def make(input_ddl: str | None = None, **sandbox_kwargs: Any) -> Env:
-        warehouse = tmp_path / "warehouse.duckdb"
-        con = duckdb.connect(str(warehouse))
-        try:
-            con.execute("CREATE SCHEMA crm")
-            con.execute(
-                input_ddl
-                or "CREATE TABLE crm.companies(id INT, domain VARCHAR, updated_at TIMESTAMP)"
-            )
-        finally:
-            con.close()
-        out = tmp_path / "destination.duckdb"
-        pipeline = dlt.pipeline(
-            pipeline_name="apione_e2e",
-            destination=dlt.destinations.duckdb(str(out)),
-            dataset_name="enriched",
-            pipelines_dir=str(tmp_path / "pipelines"),
-        )
-        return Env(tmp_path, sandbox_factory(**sandbox_kwargs), warehouse, out, pipeline)
-
-    return make
-
-
-def billed(sb: Sandbox) -> tuple[int, int]:
-    u = sb.usage()
-    return u["jobs_created"], u["records_billed"]
-
-
-def outcome_counts_per_pk(env: Env, names: TableNames = COMPANY) -> Counter[str]:
-    rows = env.query(f"SELECT input_pk, count(*) FROM enriched.{names.outcomes} GROUP BY 1")
-    return Counter({pk: n for pk, n in rows})
-
-
-def assert_no_duplicate_keys(env: Env, table: str) -> None:
-    total, distinct = env.query(f"SELECT count(*), count(DISTINCT key) FROM enriched.{table}")[0]
-    assert total == distinct, f"{table} has {total - distinct} duplicate key row(s)"
-
+from tests.e2e import (
+    COMPANY,
+    EMAIL,
+    PEOPLE,
+    TEN_KB,
+    Env,
+    RealTimeClock,
+    assert_no_duplicate_keys,
+    billed,
+    company_key,
+    found_domains,
+    outcome_counts_per_pk,
+)
 
 # --- 1. first run --------------------------------------------------------------------------
 

@@ -49,7 +49,9 @@ def test_given_jobs_in_flight_when_next_run_has_wrong_key_then_it_stops_and_a_la
         dataset_name="enriched",
         pipelines_dir=str(tmp_path / "pipelines"),
     )
-    journal_file = Journal.path_for(pipeline.pipelines_dir, pipeline.pipeline_name)
+    journal_file = Journal.path_for(
+        pipeline.pipelines_dir, pipeline.pipeline_name, "company_enrichment"
+    )
 
     def run(key: str, budget: float) -> Any:
         return run_enrichment(

@@ -1,0 +1,147 @@
+"""What earlier runs recorded: each key's outcome history, and which loads completed.
+
+Read from the destination (the truth that survives a wiped working dir) through the
+pipeline's own SQL client, at the start of every run that reads input. The whole outcome
+history is folded into memory (about 200 bytes per key); at tens of millions of keys,
+narrow it with a cursor column and a shorter history.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import dlt
+from dlt.destinations.exceptions import DatabaseUndefinedRelation
+
+from apione_source.tables import FINAL_STATUSES, TableNames
+
+LOADS_TABLE = "_dlt_loads"
+
+
+@dataclass
+class KeyState:
+    """What earlier runs recorded for one normalized key."""
+
+    status: str
+    finished_at: datetime
+    job_id: str | None
+    input: Any
+    pks: set[str] = field(default_factory=set)
+    retries: int = 0  # non-final outcomes since the last final one
+
+
+@dataclass
+class KnownKeys:
+    """The outcome history of every key, loaded from the destination."""
+
+    keys: dict[str, KeyState] = field(default_factory=dict)
+
+    def is_fresh(
+        self, key: str, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
+    ) -> bool:
+        """True if ``key`` has a final outcome younger than its TTL."""
+        state = self.keys.get(key)
+        if state is None or state.status not in FINAL_STATUSES:
+            return False
+        ttl = ttl_matched if state.status in ("matched", "invalid") else ttl_retry
+        return now - state.finished_at < ttl
+
+    def stale(
+        self, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
+    ) -> Iterator[tuple[str, KeyState]]:
+        """Keys whose last outcome is no longer fresh."""
+        for key, state in self.keys.items():
+            if not self.is_fresh(key, now, ttl_matched, ttl_retry):
+                yield key, state
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+def load_known_keys(
+    pipeline: dlt.Pipeline, names: TableNames, *, must_exist: bool, chunk_size: int = 50_000
+) -> KnownKeys:
+    """Load every key's latest outcome (and its input rows) from the destination.
+
+    Args:
+        pipeline: The running pipeline.
+        names: Table names.
+        must_exist: True once an earlier run loaded outcomes (dlt state says so): then a
+            missing table is an error, never "nothing was paid for yet".
+        chunk_size: Rows fetched per round trip.
+
+    Returns:
+        The history; empty before the first outcome was loaded.
+
+    Raises:
+        DatabaseUndefinedRelation: The outcomes table is missing though it must exist.
+    """
+    known = KnownKeys()
+    try:
+        with pipeline.sql_client() as client:
+            cols = ["key", "status", "finished_at", "job_id", "input_pk", "input"]
+            sql = (
+                f"SELECT {', '.join(client.escape_column_name(c) for c in cols)} FROM "
+                f"{client.make_qualified_table_name(names.outcomes)} ORDER BY "
+                f"{client.escape_column_name('finished_at')}"
+            )
+            with client.execute_query(sql) as cur:
+                while batch := cur.fetchmany(chunk_size):
+                    for key, status, finished_at, job_id, input_pk, input_ in batch:
+                        _fold(known, key, status, _aware(finished_at), job_id, input_pk, input_)
+    except DatabaseUndefinedRelation:
+        # Failing open here would pay for every record again: only on a first run.
+        if must_exist:
+            raise
+    return known
+
+
+def _fold(
+    known: KnownKeys,
+    key: str,
+    status: str,
+    finished_at: datetime,
+    job_id: str | None,
+    input_pk: str | None,
+    input_: Any,
+) -> None:
+    """Fold one outcome row (rows come oldest first) into the key's state."""
+    if isinstance(input_, str):  # JSON columns come back as text on some warehouses
+        input_ = json.loads(input_)
+    is_retry = status not in FINAL_STATUSES
+    state = known.keys.get(key)
+    if state is None:
+        state = known.keys[key] = KeyState(
+            status, finished_at, job_id, input_, retries=int(is_retry)
+        )
+    elif job_id != state.job_id and finished_at >= state.finished_at:
+        # a later attempt: count consecutive non-final ones (one per job, not per row)
+        state.retries = state.retries + 1 if is_retry else 0
+        state.status, state.finished_at, state.job_id = status, finished_at, job_id
+        state.input = input_ or state.input
+    if input_pk is not None:
+        state.pks.add(input_pk)
+
+
+def confirmed_loads(pipeline: dlt.Pipeline, load_ids: list[str]) -> set[str]:
+    """Which of ``load_ids`` completed at the destination (``_dlt_loads.status = 0``)."""
+    if not load_ids:
+        return set()
+    try:
+        with pipeline.sql_client() as client:
+            table = client.make_qualified_table_name(LOADS_TABLE)
+            marks = ", ".join(["%s"] * len(load_ids))
+            sql = (
+                f"SELECT {client.escape_column_name('load_id')} FROM {table} WHERE "
+                f"{client.escape_column_name('status')} = 0 AND "
+                f"{client.escape_column_name('load_id')} IN ({marks})"
+            )
+            with client.execute_query(sql, *load_ids) as cur:
+                return {r[0] for r in cur.fetchall()}
+    except DatabaseUndefinedRelation:
+        return set()

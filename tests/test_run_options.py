@@ -1,0 +1,103 @@
+"""Run options end to end: the per-run cap, cursor-mode refresh, NULL keys, SCD2 history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.e2e import (
+    COMPANY,
+    Env,
+    assert_no_duplicate_keys,
+    billed,
+)
+
+
+def _stamp(i: int) -> str:
+    return f"2024-01-01 {i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
+
+
+def test_given_a_per_run_cap_when_run_repeatedly_then_each_run_stays_under_it_and_all_arrive(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    env.insert_companies([(i, f"capped{i}.com") for i in range(300)])
+
+    per_run = []
+    for _ in range(4):
+        before = billed(env.sandbox)[1]
+        env.run(max_records_per_run=120, records_per_job=50)
+        per_run.append(billed(env.sandbox)[1] - before)
+
+    assert per_run == [120, 120, 60, 0]
+    assert env.count(COMPANY.outcomes) == 300
+
+
+def test_given_a_cap_in_cursor_mode_when_run_repeatedly_then_no_row_is_skipped(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    # ties on the cursor straddle the cap boundary on purpose
+    env.insert_companies([(i, f"cursored{i}.com", _stamp(i // 3)) for i in range(200)])
+
+    for _ in range(4):
+        env.run(cursor_column="updated_at", max_records_per_run=70, records_per_job=25)
+
+    assert billed(env.sandbox)[1] == 200
+    pks = {r[0] for r in env.query(f"SELECT input_pk FROM enriched.{COMPANY.outcomes}")}
+    assert pks == {str(i) for i in range(200)}
+
+
+def test_given_cursor_mode_when_ttl_expires_then_unchanged_rows_are_refreshed_from_history(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    env.insert_companies([(i, f"aging{i}.com", _stamp(i)) for i in range(40)])
+    env.run(cursor_column="updated_at")
+    assert billed(env.sandbox) == (1, 40)
+
+    # no row changed, so the cursor reads nothing; the expired outcomes are resent anyway
+    env.run(cursor_column="updated_at", ttl_matched_days=0, ttl_not_found_days=0)
+
+    usage = env.sandbox.usage()
+    assert usage["records_billed"] == 80
+    assert set(usage["billed_per_key"].values()) == {2}
+    assert_no_duplicate_keys(env, COMPANY.enrichment)
+    assert env.query(
+        f"SELECT count(DISTINCT job_id) FROM enriched.{COMPANY.outcomes} WHERE attempt = 1"
+    ) == [(2,)]
+
+
+def test_given_rows_with_null_primary_key_when_run_then_they_are_rejected_not_sent(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    env.insert_companies([(1, "keyed.com"), (None, "orphan-one.com"), (None, "orphan-two.com")])
+    env.run()
+
+    assert billed(env.sandbox) == (1, 1)
+    assert env.query(f"SELECT input_pk, reason FROM enriched.{COMPANY.rejected}") == [
+        ("<NULL>", "null_primary_key")
+    ]
+
+
+def test_given_scd2_when_an_unchanged_company_is_reenriched_then_no_new_version_opens(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    env.insert_companies([(i, f"history{i}.com") for i in range(30)])
+    env.run(scd2=True)
+    first = env.query(
+        f"SELECT key, _dlt_valid_from FROM enriched.{COMPANY.enrichment} ORDER BY key"
+    )
+    assert first and all(valid_from is not None for _, valid_from in first)
+
+    env.run(scd2=True, ttl_matched_days=0, ttl_not_found_days=0)  # paid again, same data
+
+    assert billed(env.sandbox)[1] == 60
+    rows = env.query(
+        f"SELECT key, _dlt_valid_from, _dlt_valid_to FROM enriched.{COMPANY.enrichment} "
+        "ORDER BY key"
+    )
+    # one current version per key, the original one: the data did not change
+    assert [(k, f) for k, f, _ in rows] == first
+    assert all(valid_to is None for *_, valid_to in rows)
