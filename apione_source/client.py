@@ -162,20 +162,7 @@ class _Call(Generic[_M]):
 
     def _parse(self, response: httpx.Response) -> _M | ApiOneError:
         try:
-            body = response.json()
-        except ValueError:
-            detail = f"answered {response.status_code} with a body that is not JSON"
-            if self.is_submit:
-                return self._scrub(self._outcome_unknown(detail))
-            return self._scrub(
-                MalformedResponseError(
-                    f"{self.method} {self.path} {detail} (job {self.job_id})",
-                    status_code=response.status_code,
-                    job_id=self.job_id,
-                )
-            )
-        try:
-            return parse_model(self.model, body, self.job_id)
+            return parse_model(self.model, response.content, self.job_id)
         except MalformedResponseError as exc:
             if self.is_submit:
                 return self._scrub(self._outcome_unknown(f"answer unreadable: {exc.message}"))

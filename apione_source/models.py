@@ -251,7 +251,8 @@ def parse_model(model: type[_M], body: Any, job_id: str | None = None) -> _M:
 
     Args:
         model: The model to validate against.
-        body: The decoded JSON body.
+        body: The raw JSON body (``bytes`` or ``str``: parsed and validated in one pass by
+            pydantic's Rust core, the fast path) or an already decoded object.
         job_id: The job the body belongs to, named in the error.
 
     Returns:
@@ -262,8 +263,15 @@ def parse_model(model: type[_M], body: Any, job_id: str | None = None) -> _M:
             message names the field(s) and the job.
     """
     try:
+        if isinstance(body, (bytes, str)):
+            return model.model_validate_json(body)
         return model.model_validate(body)
     except ValidationError as exc:
+        if any(err["type"] == "json_invalid" for err in exc.errors()):
+            raise MalformedResponseError(
+                f"{model.__name__} for job {job_id or '<unknown>'}: the body is not JSON",
+                job_id=job_id,
+            ) from None
         fields = sorted({".".join(str(p) for p in err["loc"]) or "<body>" for err in exc.errors()})
         raise MalformedResponseError(
             f"{model.__name__} for job {job_id or '<unknown>'} is malformed: "

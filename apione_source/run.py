@@ -70,6 +70,7 @@ class RunSettings:
         max_records_per_run: Cap on records submitted in one run (None: no cap).
         max_attempts: Attempts per record before it is recorded as ``error``.
         retention_seconds: How long ApiOne keeps results (warns about old carried jobs).
+        scd2: The enrichment table keeps history (rows carry a version hash).
     """
 
     enrichment_type: EnrichmentType
@@ -81,6 +82,7 @@ class RunSettings:
     max_records_per_run: int | None
     max_attempts: int
     retention_seconds: float
+    scd2: bool = False
 
 
 @dataclass
@@ -451,6 +453,8 @@ class EnrichmentRun:
             problem = f"result indexes are not 0..{len(items) - 1}"
         else:
             for item, result in zip(items, _by_index(results), strict=True):
+                if result.input == item.record:
+                    continue  # the usual case: echoed exactly as sent
                 echoed = normalize_record(self.s.enrichment_type, result.input)
                 if not isinstance(echoed, Normalized) or echoed.key != item.key:
                     problem = f"result {result.index} echoes another input than was sent"
@@ -478,7 +482,9 @@ class EnrichmentRun:
                     ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
                 )
                 if status == "matched":
-                    enriched.append(enrichment_row(item.key, job.job_id, now, result))
+                    enriched.append(
+                        enrichment_row(item.key, job.job_id, now, result, version_hash=self.s.scd2)
+                    )
                 self.known.keys[item.key] = KeyState(
                     status, now, job.job_id, item.record, set(item.pks)
                 )

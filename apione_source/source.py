@@ -207,6 +207,7 @@ def apione(
         max_records_per_run=max_records_per_run,
         max_attempts=max_attempts,
         retention_seconds=retention,
+        scd2=scd2,
     )
 
     def enrichment() -> Any:

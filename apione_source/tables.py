@@ -129,15 +129,26 @@ def outcome_id(job_id: str | None, input_pk: str | None, key: str) -> str:
 
 
 def enrichment_row(
-    key: str, job_id: str, enriched_at: datetime, result: RecordResult
+    key: str, job_id: str, enriched_at: datetime, result: RecordResult, *, version_hash: bool
 ) -> dict[str, Any]:
-    """The enrichment-table row of one matched result."""
+    """The enrichment-table row of one matched result.
+
+    Args:
+        key: The normalized key.
+        job_id: The job that produced it.
+        enriched_at: When it was collected.
+        result: The matched result.
+        version_hash: Add ``data_hash``, the row version SCD2 compares (skipped
+            otherwise: hashing every payload costs time for nothing).
+    """
     data = dict(result.data or {})
-    # Hash the payload without its own timestamp, so SCD2 opens a new version only
-    # when the enrichment really changed.
-    stable = {k: v for k, v in data.items() if k != "updated_at"}
-    data_hash = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
-    data.update(key=key, job_id=job_id, enriched_at=enriched_at, data_hash=data_hash)
+    if version_hash:
+        # Hash the payload without its own timestamp, so SCD2 opens a new version only
+        # when the enrichment really changed.
+        stable = {k: v for k, v in data.items() if k != "updated_at"}
+        blob = json.dumps(stable, sort_keys=True, default=str).encode()
+        data["data_hash"] = hashlib.sha1(blob).hexdigest()
+    data.update(key=key, job_id=job_id, enriched_at=enriched_at)
     return data
 
 

@@ -303,7 +303,9 @@ def build_batches(records: list[_Record]) -> list[list[tuple[str, list[dict[str,
                 }
             )
             if status == "matched":
-                enriched.append(enrichment_row(rec.key, job_id, now, rec.result))
+                enriched.append(
+                    enrichment_row(rec.key, job_id, now, rec.result, version_hash=False)
+                )
         job_row = {
             "job_id": job_id,
             "type": ETYPE.value,
