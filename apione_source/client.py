@@ -255,11 +255,20 @@ class _ClientBase:
             "User-Agent": _USER_AGENT,
         }
 
-    @staticmethod
-    def _timeout(connect_timeout: float, read_timeout: float) -> httpx.Timeout:
-        return httpx.Timeout(
-            connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout
-        )
+    def _http_options(
+        self, connect_timeout: float, read_timeout: float, max_connections: int
+    ) -> dict[str, Any]:
+        """What both httpx clients are built with: one pool, explicit timeouts."""
+        return {
+            "base_url": self.base_url,
+            "headers": self._headers(),
+            "timeout": httpx.Timeout(
+                connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout
+            ),
+            "limits": httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        }
 
     def _call(
         self, method: str, path: str, model: type[_M], job_id: str | None = None, **kw: Any
@@ -342,13 +351,8 @@ class ApiOneClient(_ClientBase):
         super().__init__(api_key, base_url, retry)
         self._sleep = sleep
         self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=self._headers(),
-            timeout=self._timeout(connect_timeout, read_timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
             transport=transport,
+            **self._http_options(connect_timeout, read_timeout, max_connections),
         )
 
     def submit_job(
@@ -421,13 +425,8 @@ class AsyncApiOneClient(_ClientBase):
         super().__init__(api_key, base_url, retry)
         self._sleep = sleep
         self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=self._headers(),
-            timeout=self._timeout(connect_timeout, read_timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
             transport=transport,
+            **self._http_options(connect_timeout, read_timeout, max_connections),
         )
 
     async def submit_job(

@@ -37,8 +37,6 @@ from typing import Any
 
 import dlt
 import pytest
-from dlt.common.configuration.container import Container
-from dlt.common.configuration.specs.pluggable_run_context import PluggableRunContext
 
 from apione_source.sandbox import Sandbox
 from tests.warehouses.harness import Env, Warehouse
@@ -84,24 +82,6 @@ def _wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | 
 
 
 # --- dlt isolation ------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Keep the project's ``.dlt/`` config (and ``~/.dlt``) out of these tests."""
-    ctx = Container()[PluggableRunContext]
-    original_run_dir = ctx.context.run_dir
-    project = tmp_path / "project"
-    project.mkdir()
-    monkeypatch.setenv("DLT_PROJECT_DIR", str(project))
-    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt_data"))
-    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
-    ctx.reload(str(project))
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        ctx.reload(original_run_dir)
 
 
 # --- per-test environment ------------------------------------------------------------
