@@ -230,12 +230,14 @@ class EnrichmentRun:
         yield from self._collect()
         lost = journal.lost_submits()
         yield from self._resubmit_lost(lost)
-        if self.sched.in_flight or self.sched.remaining <= 0 or self.sched.stop_error:
+        if self.sched.in_flight:
             logger.warning(
                 "%d carried-over job(s) still running; submitting nothing new this run",
                 len(self.sched.in_flight),
             )
-        else:
+        elif self.sched.remaining <= 0:
+            logger.warning("the wait budget went on carried-over jobs; nothing new this run")
+        elif not self.sched.stop_error:
             # 3. read, submit, collect
             yield from self._read_and_submit(pipeline)
         # 4. wait for everything still running, resubmitting retries while budget lasts
