@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from apione_source import apione, run_enrichment
 from apione_source.models import EnrichmentType
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import canonical_json, is_not_found
-from apione_source.tables import TableNames
+from apione_source.tables import FINAL_STATUSES, TableNames
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
 PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
@@ -137,3 +137,23 @@ def outcome_counts_per_pk(env: Env, names: TableNames = COMPANY) -> Counter[str]
 def assert_no_duplicate_keys(env: Env, table: str) -> None:
     total, distinct = env.query(f"SELECT count(*), count(DISTINCT key) FROM enriched.{table}")[0]
     assert total == distinct, f"{table} has {total - distinct} duplicate key row(s)"
+
+
+def assert_one_final_outcome_per_row(
+    rows: Iterable[tuple[str, int, str]], valid_pks: set[str]
+) -> None:
+    """Every valid input row has exactly one final outcome, and it is its latest attempt.
+
+    Args:
+        rows: ``(input_pk, attempt, status)`` of every outcome row.
+        valid_pks: Primary keys of the input rows that could be sent.
+    """
+    by_pk: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for pk, attempt, status in rows:
+        by_pk[pk].append((attempt, status))
+    assert set(by_pk) == valid_pks
+    for pk, attempts in by_pk.items():
+        finals = [a for a in attempts if a[1] in FINAL_STATUSES]
+        assert len(finals) == 1, f"input row {pk}: {sorted(attempts)}"
+        latest = max(a for a, _ in attempts)
+        assert [s for a, s in attempts if a == latest] == [finals[0][1]], sorted(attempts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.e2e import (
     TEN_KB,
     Env,
     assert_no_duplicate_keys,
+    assert_one_final_outcome_per_row,
     company_key,
 )
 
@@ -32,7 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 SEED = 4  # jobs 3, 6 and 8 fail (see _will_fail)
 FAILURE_RATE = 0.1
-FINAL = ("matched", "not_found", "invalid", "error")
 RETRY_STATUSES = ("failed", "expired", "timed_out", "not_found", "lost")
 UNIQUE = 3_000
 RECORDS_PER_JOB = 200
@@ -139,16 +138,8 @@ def test_given_faulty_api_when_run_until_idle_then_every_row_has_one_final_outco
 
     # every valid input row: exactly one final outcome, in its latest attempt
     rows = env.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
-    by_pk: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for pk, attempt, status in rows:
-        by_pk[pk].append((attempt, status))
-    assert set(by_pk) == valid_pks
-    for pk, attempts in by_pk.items():
-        finals = [a for a in attempts if a[1] in FINAL]
-        assert len(finals) == 1, f"input row {pk}: {sorted(attempts)}"
-        latest = max(a for a, _ in attempts)
-        assert [s for a, s in attempts if a == latest] == [finals[0][1]], sorted(attempts)
-        assert latest <= MAX_ATTEMPTS
+    assert_one_final_outcome_per_row(rows, valid_pks)
+    assert max(attempt for _, attempt, _ in rows) <= MAX_ATTEMPTS
     rejected = {r[0] for r in env.query(f"SELECT input_pk FROM enriched.{COMPANY.rejected}")}
     assert rejected == {str(pk) for pk, _ in bad}
 

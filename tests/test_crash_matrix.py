@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,8 @@ import pytest
 
 from apione_source.journal import Journal
 from apione_source.sandbox import Sandbox
-from tests.e2e import COMPANY, TEN_KB, company_key
+from apione_source.tables import FINAL_STATUSES
+from tests.e2e import COMPANY, TEN_KB, assert_one_final_outcome_per_row, company_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
@@ -36,7 +37,7 @@ RUNNER = ROOT / "tests" / "crash_runner.py"
 PIPELINE_NAME = "apione_crash"
 SEED = 7
 RECORDS_PER_JOB = 250
-FINAL = ("matched", "not_found", "invalid", "error")
+FINAL = FINAL_STATUSES
 MERGE_KEYS = {
     COMPANY.enrichment: "key",
     COMPANY.outcomes: "outcome_id",
@@ -379,14 +380,7 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
 
     # every valid input row: exactly one final outcome, and it is its latest attempt
     rows = dest.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
-    by_pk: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for pk, attempt, status in rows:
-        by_pk[pk].append((attempt, status))
-    assert set(by_pk) == VALID_PKS
-    for pk, attempts in by_pk.items():
-        finals = [a for a in attempts if a[1] in FINAL]
-        assert len(finals) == 1, f"input row {pk}: {attempts}"
-        assert max(attempts)[1] in FINAL, f"input row {pk}: latest attempt not final {attempts}"
+    assert_one_final_outcome_per_row(rows, VALID_PKS)
 
     # billing: every key once, plus at most what the ledger reports as lost submits
     usage = sb.usage()
