@@ -107,7 +107,6 @@ class _Counters:
     submitted_records: int = 0
     lost_answers: int = 0
     capacity_waits: int = 0
-    carried_over: int = 0
 
 
 @dataclass
@@ -322,7 +321,6 @@ class JobScheduler:
             remaining = self.remaining
             if remaining <= 0 or self.stop_error is not None:
                 # Carried over. Its slot stays taken: the job still runs on the server.
-                self.counters.carried_over += 1
                 return
             if delay > 0:
                 await self.sleep(min(delay, remaining))
@@ -340,7 +338,6 @@ class JobScheduler:
                 # A malformed answer or an unexpected refusal: keep the job for the next
                 # run, and say so loudly; a human should look at it.
                 logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
-                self.counters.carried_over += 1
                 return
             if end is not None:
                 await self._release_slot()

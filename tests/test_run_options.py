@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from apione_source.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.e2e import (
     COMPANY,
     Env,
@@ -101,3 +106,36 @@ def test_given_scd2_when_an_unchanged_company_is_reenriched_then_no_new_version_
     # one current version per key, the original one: the data did not change
     assert [(k, f) for k, f, _ in rows] == first
     assert all(valid_to is None for *_, valid_to in rows)
+
+
+def test_given_a_webhook_url_when_run_then_apione_delivers_signed_results_there(
+    make_env: Callable[..., Env],
+) -> None:
+    received: list[tuple[bytes, str]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((body, self.headers[SIGNATURE_HEADER]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = make_env(webhook_secret="whsec_test")
+        env.insert_companies([(i, f"hooked{i}.com") for i in range(30)])
+        env.run(webhook_url=f"http://127.0.0.1:{server.server_port}/hooks/apione")
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)  # delivery is asynchronous on the sandbox's side
+    finally:
+        server.shutdown()
+
+    [(body, signature)] = received
+    verify_signature("whsec_test", body, signature)  # raises if it does not verify
+    assert json.loads(body)["event"] == "job.completed"
+    assert len(json.loads(body)["results"]) == 30
