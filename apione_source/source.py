@@ -147,7 +147,8 @@ def apione(
         chunk_size: Input rows read per query round trip.
 
     Returns:
-        The ``enrichment`` resource, which loads the tables listed in ``tables.py``.
+        The ``<type>_enrichment`` resource (e.g. ``company_enrichment``), which loads
+        the tables listed in ``tables.py``.
 
     Raises:
         ConfigurationError: Before any API call, when a setting is wrong.
