@@ -128,6 +128,20 @@ def _fold(
         state.pks.add(input_pk)
 
 
+def rejected_pks(pipeline: dlt.Pipeline, names: TableNames) -> set[str]:
+    """Primary keys of the input rows currently in the rejected table (empty before any)."""
+    try:
+        with pipeline.sql_client() as client:
+            sql = (
+                f"SELECT {client.escape_column_name('input_pk')} FROM "
+                f"{client.make_qualified_table_name(names.rejected)}"
+            )
+            with client.execute_query(sql) as cur:
+                return {r[0] for r in cur.fetchall()}
+    except DatabaseUndefinedRelation:
+        return set()
+
+
 def confirmed_loads(pipeline: dlt.Pipeline, load_ids: list[str]) -> set[str]:
     """Which of ``load_ids`` completed at the destination (``_dlt_loads.status = 0``)."""
     if not load_ids:

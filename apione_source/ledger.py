@@ -66,6 +66,17 @@ def rejected_row(pk: str, reason: str, detail: str, now: datetime, load_id: str)
     }
 
 
+def fixed_rejection_row(pk: str, now: datetime, load_id: str) -> dict[str, Any]:
+    """Removes an earlier rejection of input row ``pk``: it can be sent now."""
+    return {
+        "input_pk": pk,
+        "reason": "fixed",
+        "rejected_at": now,
+        "load_id": load_id,
+        "fixed": True,
+    }
+
+
 def finished_job_row(fin: Finished, counts: dict[str, int], load_id: str) -> dict[str, Any]:
     """Ledger row of a job that reached an end this run."""
     st = fin.status

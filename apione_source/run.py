@@ -34,7 +34,13 @@ import dlt
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
-from apione_source.history import KeyState, KnownKeys, confirmed_loads, load_known_keys
+from apione_source.history import (
+    KeyState,
+    KnownKeys,
+    confirmed_loads,
+    load_known_keys,
+    rejected_pks,
+)
 from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob, LostSubmit
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
@@ -155,6 +161,7 @@ class EnrichmentRun:
         self.pending = _Pending()
         self.handled: list[str] = []  # job ids whose outcomes went into this package
         self.wrote_outcomes = False
+        self.rejected_before: set[str] = set()
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -324,6 +331,7 @@ class EnrichmentRun:
             pipeline, self.s.names, must_exist=bool(self.state.get("has_history"))
         )
         self.known.keys.update(collected_now)  # what this run already collected wins
+        self.rejected_before = rejected_pks(pipeline, self.s.names)
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
         last_cursor = self.state.get("cursor") if cursor_mode else None
@@ -383,6 +391,9 @@ class EnrichmentRun:
                 ledger.rejected_row(row.pk, norm.reason, norm.detail, now, self.load_id)
             )
             return "rejected"
+        if row.pk in self.rejected_before:
+            self.rejected_before.discard(row.pk)
+            rejected.append(ledger.fixed_rejection_row(row.pk, now, self.load_id))
         key = norm.key
         if key in self.pending.items:
             self.pending.items[key].pks.append(row.pk)

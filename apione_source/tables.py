@@ -120,6 +120,8 @@ OUTCOME_COLUMNS = _columns(
 REJECTED_COLUMNS = _columns(
     "input_pk:text! reason:text! detail:text rejected_at:timestamp! load_id:text"
 )
+# A row that was rejected and has since been fixed is removed (dlt's hard_delete).
+REJECTED_COLUMNS["fixed"] = {"name": "fixed", "data_type": "bool", "hard_delete": True}
 
 
 def outcome_id(job_id: str | None, input_pk: str | None, key: str) -> str:

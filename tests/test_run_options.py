@@ -139,3 +139,24 @@ def test_given_a_webhook_url_when_run_then_apione_delivers_signed_results_there(
     verify_signature("whsec_test", body, signature)  # raises if it does not verify
     assert json.loads(body)["event"] == "job.completed"
     assert len(json.loads(body)["results"]) == 30
+
+
+def test_given_a_rejected_row_when_it_is_fixed_then_it_is_enriched_and_leaves_the_rejected_table(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    env.insert_companies([(1, "fine.com"), (2, "not a domain"), (3, None)])
+    env.run()
+    assert {r[0] for r in env.query(f"SELECT input_pk FROM enriched.{COMPANY.rejected}")} == {
+        "2",
+        "3",
+    }
+
+    env.exec("UPDATE crm.companies SET domain = 'fixed-now.com' WHERE id = 2")
+    env.run()
+
+    assert env.query(f"SELECT input_pk, reason FROM enriched.{COMPANY.rejected}") == [("3", "null")]
+    assert env.query(f"SELECT key FROM enriched.{COMPANY.outcomes} WHERE input_pk = '2'") == [
+        ("fixed-now.com",)
+    ]
+    assert billed(env.sandbox)[1] == 2

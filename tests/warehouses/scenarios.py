@@ -177,10 +177,13 @@ class CoreScenarios:
         assert snapshot(env) == before
 
         env.insert_companies([(1000, "brand-new-company.io")])
+        # and the rejected row 900 gets fixed: sent now, and gone from the rejected table
+        env.input_exec(f"UPDATE {env.input_table()} SET domain = 'fixed-at-last.io' WHERE id = 900")
         env.run()
 
         jobs, records = billed(env.sandbox)
-        assert (jobs - before_usage[0], records - before_usage[1]) == (1, 1)
+        assert (jobs - before_usage[0], records - before_usage[1]) == (1, 2)
+        assert env.query(f"SELECT input_pk FROM {env.out(COMPANY.rejected)}") == []
         assert env.sandbox.usage()["billed_per_key"][company_key("brand-new-company.io")] == 1
         rows = env.query(
             f"SELECT key, attempt FROM {env.out(COMPANY.outcomes)} WHERE input_pk = '1000'"
