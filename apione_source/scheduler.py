@@ -378,8 +378,10 @@ class JobScheduler:
             if not self.in_flight or self.stop_error is not None:
                 return None
             getter = asyncio.ensure_future(self.finished.get())
-            pollers = set(self._pollers.values())
-            done, _ = await asyncio.wait({getter, *pollers}, return_when=asyncio.FIRST_COMPLETED)
+            # Only pollers still running: a finished one would end the wait at once, and
+            # the loop would spin until the next job finishes.
+            running = {t for t in self._pollers.values() if not t.done()}
+            done, _ = await asyncio.wait({getter, *running}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 return getter.result()
             getter.cancel()

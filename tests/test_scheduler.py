@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ class ScriptedClient:
     def __init__(self, script: list[Exception | None]) -> None:
         self.script = script
         self.sizes: list[int] = []
+        self.estimate = 9999
 
     async def submit_job(self, type_: str, records: list[dict[str, Any]], webhook: Any) -> Any:
         self.sizes.append(len(records))
@@ -33,7 +35,7 @@ class ScriptedClient:
             raise answer
         return SubmitResponse(
             job_id=f"job_{len(self.sizes)}",
-            estimated_completion_seconds=9999,
+            estimated_completion_seconds=self.estimate,
             total_records=len(records),
         )
 
@@ -167,3 +169,46 @@ def test_no_submit_is_forgotten_by_the_journal(tmp_path: Path, kind: str) -> Non
     # one job in flight; a lost answer's intent stays until reported, a 429 leaves none
     assert len(sched.journal.jobs(IN_FLIGHT)) == 1
     assert len(sched.journal.lost_submits()) == (1 if kind == "lost" else 0)
+
+
+def test_given_one_job_done_when_waiting_for_the_next_then_the_loop_does_not_spin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = time.monotonic()
+
+    class TwoJobs(ScriptedClient):
+        async def get_job(self, job_id: str) -> Job:
+            # job_1 fails at once, job_2 a moment later
+            done = job_id == "job_1" or time.monotonic() - started > 0.3
+            status = "failed" if done else "processing"
+            return Job(job_id=job_id, status=status, type="company", total_records=1)
+
+    client = TwoJobs([])
+    client.estimate = 0
+    sched = JobScheduler(
+        client,  # type: ignore[arg-type]
+        Journal(tmp_path / "journal.sqlite"),
+        "company",
+        SchedulerSettings(records_per_job=10, concurrent_jobs=5, wait_budget_seconds=10.0),
+        run_id="load_1",
+    )
+    waits = 0
+    real_check = sched._raise_poller_crash
+
+    def counted() -> None:
+        nonlocal waits
+        waits += 1
+        real_check()
+
+    monkeypatch.setattr(sched, "_raise_poller_crash", counted)
+
+    async def go() -> list[str]:
+        await sched.submit(_items(20))
+        first = await sched.next_finished()
+        second = await sched.next_finished()
+        await sched.close()
+        return [f.job.job_id for f in (first, second) if f]
+
+    assert _run(go()) == ["job_1", "job_2"]
+    # each wake-up is a poll of job_2 (every ~50-100 ms), not a busy loop
+    assert waits < 30, f"next_finished looped {waits} times"
