@@ -16,8 +16,16 @@ read timeout, broken  retried, then TransportError        SubmitOutcomeUnknownEr
 ====================  ==================================  ==============================
 
 A submit is retried only where no job can exist; everything else raises at once.
-The API key lives in one private attribute and the request headers: it never appears in
-a log line, an error message or a repr.
+
+The API key is kept only as a :class:`~apione_source.secret.Secret` (masked in any repr
+or traceback) and is put in the ``X-API-Key`` header of each request by an ``httpx.Auth``
+for the time of that request: the clients' default headers never hold it, and it never
+appears in a log line, an error message or a repr.
+
+Job ids are sent as one URL path segment, percent-encoded, whatever they look like: a job
+ApiOne created (and billed) is always polled. Only an empty or non-string id is refused,
+and one containing the API key (a key passed as a job id by mistake must not end up in a
+URL). Logs and messages show at most a short, escaped prefix of an unusual id.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -61,6 +70,7 @@ from apione_source.models import (
     parse_model,
 )
 from apione_source.retry import RetryPolicy, parse_retry_after
+from apione_source.secret import Secret
 from apione_source.settings import API_KEY_HEADER, DEFAULT_BASE_URL, JOB_ID_PATTERN
 
 __all__ = ["ApiOneClient", "AsyncApiOneClient"]
@@ -74,12 +84,71 @@ AUTH_HELP = (
 _AUTH_MESSAGE = f"ApiOne rejected the API key (401). {AUTH_HELP}"
 _SUBMIT_PATH = "/async/enrich"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_SHOWN_ID_CHARS = 24  # of an unusual job id, in logs and messages
+_MAX_JOB_ID_CHARS = 256  # a submit answer's job id: any non-empty string up to this
 _KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces: a valid header value
 # Failures where the request never left this machine: safe to retry even a submit.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _USER_AGENT = "apione-dlt/0.1 (+httpx)"
 
 _M = TypeVar("_M", bound=BaseModel)
+
+
+class _KeyAuth(httpx.Auth):
+    """Adds the API key header to one request, and takes it off again once answered.
+
+    So the key is in no client's default headers, and a request kept by a response or an
+    exception (``response.request``, ``exc.request``) no longer carries it.
+    """
+
+    def __init__(self, secret: Secret) -> None:
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "_KeyAuth(***)"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers[API_KEY_HEADER] = self._secret.reveal()
+        try:
+            yield request
+        finally:
+            request.headers.pop(API_KEY_HEADER, None)
+
+    # Explicit twins of httpx's wrappers, so the ``finally`` above also runs (at once)
+    # when httpx closes the flow after a transport error.
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        yield from self.auth_flow(request)
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        request.headers[API_KEY_HEADER] = self._secret.reveal()
+        try:
+            yield request
+        finally:
+            request.headers.pop(API_KEY_HEADER, None)
+
+
+def _job_id_segment(job_id: str) -> str:
+    """``job_id`` as exactly one URL path segment: every reserved character encoded.
+
+    ``.`` and ``..`` alone would be resolved away as dot segments, so their dots are
+    encoded too.
+    """
+    segment = quote(job_id, safe="")
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return segment
+
+
+def _shown_id(job_id: str) -> str:
+    """How a job id appears in logs and messages: as is if usual, else a short prefix."""
+    if _JOB_ID_RE.fullmatch(job_id) and len(job_id) <= 64:
+        return job_id
+    prefix = ascii(job_id[:_SHOWN_ID_CHARS])[1:-1]  # control and non-ASCII chars escaped
+    return f"{prefix}…" if len(job_id) > _SHOWN_ID_CHARS else prefix
 
 
 class _Call(Generic[_M]):
@@ -96,12 +165,14 @@ class _Call(Generic[_M]):
         *,
         policy: RetryPolicy,
         rng: random.Random,
-        secret: str,
+        secret: Secret,
         job_id: str | None = None,
         payload: dict[str, Any] | None = None,
+        shown_path: str | None = None,
     ) -> None:
         self.method = method
         self.path = path
+        self.shown_path = path if shown_path is None else shown_path
         self.model = model
         self.policy = policy
         self.rng = rng
@@ -112,7 +183,7 @@ class _Call(Generic[_M]):
         self.slept = 0.0
 
     def __repr__(self) -> str:
-        return f"_Call({self.method} {self.path}, attempt={self.attempt})"
+        return f"_Call({self.method} {self.shown_path}, attempt={self.attempt})"
 
     @property
     def is_submit(self) -> bool:
@@ -122,7 +193,11 @@ class _Call(Generic[_M]):
     def on_response(self, response: httpx.Response) -> _M | ApiOneError:
         """The model of a 2xx answer, else the error the answer maps to."""
         logger.debug(
-            "%s %s -> %d (attempt %d)", self.method, self.path, response.status_code, self.attempt
+            "%s %s -> %d (attempt %d)",
+            self.method,
+            self.shown_path,
+            response.status_code,
+            self.attempt,
         )
         if response.is_success:
             return self._parse(response)
@@ -131,11 +206,11 @@ class _Call(Generic[_M]):
     def on_transport_error(self, exc: httpx.RequestError) -> ApiOneError:
         """The error a failure without an HTTP answer maps to."""
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        logger.debug("%s %s -> %s (attempt %d)", self.method, self.path, reason, self.attempt)
+        logger.debug("%s %s -> %s (attempt %d)", self.method, self.shown_path, reason, self.attempt)
         if self.is_submit and not isinstance(exc, _NOT_SENT):
             return self._scrub(self._outcome_unknown(f"no answer ({reason})"))
         return self._scrub(
-            TransportError(f"{self.method} {self.path} failed: {reason}", job_id=self.job_id)
+            TransportError(f"{self.method} {self.shown_path} failed: {reason}", job_id=self.job_id)
         )
 
     def backoff(self, error: ApiOneError) -> float:
@@ -149,7 +224,7 @@ class _Call(Generic[_M]):
         logger.warning(
             "retrying %s %s in %.2fs after %s%s (attempt %d of %d)",
             self.method,
-            self.path,
+            self.shown_path,
             wait,
             type(error).__name__,
             f" {error.status_code}" if error.status_code else "",
@@ -161,19 +236,29 @@ class _Call(Generic[_M]):
     # --- mapping ---------------------------------------------------------------------
 
     def _parse(self, response: httpx.Response) -> _M | ApiOneError:
+        shown = None if self.job_id is None else _shown_id(self.job_id)
         try:
-            return parse_model(self.model, response.content, self.job_id)
+            model = parse_model(self.model, response.content, shown)
         except MalformedResponseError as exc:
             if self.is_submit:
                 return self._scrub(self._outcome_unknown(f"answer unreadable: {exc.message}"))
             exc.status_code = response.status_code
+            exc.job_id = self.job_id
             return self._scrub(exc)
+        if isinstance(model, SubmitResponse) and not 0 < len(model.job_id) <= _MAX_JOB_ID_CHARS:
+            # Whatever its shape, a job id is kept and polled; only no usable id at all
+            # (empty, or absurdly long) leaves the job's existence unknown.
+            return self._scrub(
+                self._outcome_unknown(f"answered a job id of {len(model.job_id)} characters")
+            )
+        return model
 
     def _error(self, response: httpx.Response) -> ApiOneError:
         status = response.status_code
         code, message, limit = _error_detail(response)
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        text = f"{self.method} {self.path} answered {status}{f' {code}' if code else ''}: {message}"
+        coded = f"{status} {code}" if code else str(status)
+        text = f"{self.method} {self.shown_path} answered {coded}: {message}"
         kw: dict[str, Any] = {"status_code": status, "code": code, "job_id": self.job_id}
         if status == 401:
             return AuthenticationError(_AUTH_MESSAGE, **kw)
@@ -204,7 +289,7 @@ class _Call(Generic[_M]):
         records: list[dict[str, Any]] = payload.get("records", [])
         enrichment_type = str(payload.get("type", ""))
         return SubmitOutcomeUnknownError(
-            f"{self.method} {self.path} {reason}: the {enrichment_type} job of "
+            f"{self.method} {self.shown_path} {reason}: the {enrichment_type} job of "
             f"{len(records)} records may have been created and billed; record it before "
             "submitting these records again",
             enrichment_type=enrichment_type,
@@ -213,8 +298,9 @@ class _Call(Generic[_M]):
 
     def _scrub(self, error: ApiOneError) -> ApiOneError:
         """Belt and braces: never let the key through, even if a server echoes it."""
-        if self._secret in error.message:
-            error.message = error.message.replace(self._secret, "***")
+        key = self._secret.reveal()
+        if key in error.message:
+            error.message = error.message.replace(key, "***")
             error.args = (error.message,)
         return error
 
@@ -231,16 +317,13 @@ def _error_detail(response: httpx.Response) -> tuple[str | None, str, int | None
 class _ClientBase:
     """What both clients share: the key, the base URL, the retry policy, call building."""
 
-    def __init__(self, api_key: str, base_url: str, retry: RetryPolicy) -> None:
-        key = api_key.strip() if isinstance(api_key, str) else ""
-        if not key:
-            raise ConfigurationError(f"The ApiOne API key is empty. {AUTH_HELP}")
-        if not _KEY_RE.match(key):
-            raise ConfigurationError(
-                "The ApiOne API key contains spaces or non-ASCII characters; "
-                f"check the value. {AUTH_HELP}"
-            )
-        self.__api_key = key
+    def __init__(self, api_key: str | Secret, base_url: str, retry: RetryPolicy) -> None:
+        problem = _key_problem(api_key)
+        secret = None if problem else _as_secret(api_key)
+        del api_key  # from here on only the Secret: no frame local holds the plain key
+        if secret is None:
+            raise ConfigurationError(f"{problem} {AUTH_HELP}")
+        self.__api_key = secret
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self._rng = random.Random()
@@ -249,11 +332,8 @@ class _ClientBase:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     def _headers(self) -> dict[str, str]:
-        return {
-            API_KEY_HEADER: self.__api_key,
-            "Accept": "application/json",
-            "User-Agent": _USER_AGENT,
-        }
+        # No API key here: _KeyAuth adds it to each request, and removes it after.
+        return {"Accept": "application/json", "User-Agent": _USER_AGENT}
 
     def _http_options(
         self, connect_timeout: float, read_timeout: float, max_connections: int
@@ -262,6 +342,7 @@ class _ClientBase:
         return {
             "base_url": self.base_url,
             "headers": self._headers(),
+            "auth": _KeyAuth(self.__api_key),
             "timeout": httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=read_timeout
             ),
@@ -273,6 +354,7 @@ class _ClientBase:
     def _call(
         self, method: str, path: str, model: type[_M], job_id: str | None = None, **kw: Any
     ) -> _Call[_M]:
+        """A call; ``path`` and any ``shown_path`` already encode the job id."""
         return _Call(
             method,
             path,
@@ -305,28 +387,61 @@ class _ClientBase:
         return self._call("POST", _SUBMIT_PATH, SubmitResponse, payload=payload)
 
     def _job_call(self, job_id: str) -> _Call[Job]:
-        return self._call("GET", f"/async/status/{self._checked(job_id)}", Job, job_id)
+        return self._read_call("/async/status/", job_id, Job)
 
     def _results_call(self, job_id: str) -> _Call[JobResults]:
-        return self._call("GET", f"/async/results/{self._checked(job_id)}", JobResults, job_id)
+        return self._read_call("/async/results/", job_id, JobResults)
 
-    def _checked(self, job_id: str) -> str:
-        if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
-            raise BadRequestError(
-                f"invalid job id {self._redact(job_id)[:64]!r}: "
-                f"ApiOne job ids match {JOB_ID_PATTERN}"
-            )
-        return job_id
+    def _read_call(self, prefix: str, job_id: str, model: type[_M]) -> _Call[_M]:
+        """A read of one job: any non-empty id ApiOne gave is polled, as one path segment.
+
+        Refusing an id that merely looks unusual would leave a billed job unpolled and its
+        records paid for again.
+        """
+        if not isinstance(job_id, str) or not job_id:
+            got = "an empty string" if isinstance(job_id, str) else type(job_id).__name__
+            raise BadRequestError(f"invalid job id: expected a non-empty string, got {got}")
+        if self.__api_key.reveal() in job_id:
+            raise BadRequestError("invalid job id: it contains the API key (swapped arguments?)")
+        return self._call(
+            "GET",
+            prefix + _job_id_segment(job_id),
+            model,
+            job_id,
+            shown_path=prefix + _shown_id(job_id),
+        )
 
     def _redact(self, value: object) -> str:
-        return str(value).replace(self.__api_key, "***")
+        return str(value).replace(self.__api_key.reveal(), "***")
+
+
+def _as_secret(api_key: str | Secret) -> Secret:
+    """The key, stripped, as a :class:`Secret`."""
+    raw = api_key.reveal() if isinstance(api_key, Secret) else api_key
+    return Secret(raw.strip())
+
+
+def _key_problem(api_key: object) -> str | None:
+    """What is wrong with a key, or None; says nothing of its value."""
+    if isinstance(api_key, Secret):
+        key = api_key.reveal().strip()
+    elif isinstance(api_key, str):
+        key = api_key.strip()
+    else:
+        key = ""
+    if not key:
+        return "The ApiOne API key is empty."
+    if not _KEY_RE.match(key):
+        return "The ApiOne API key contains spaces or non-ASCII characters; check the value."
+    return None
 
 
 class ApiOneClient(_ClientBase):
     """Synchronous client; one connection pool per instance. Use as a context manager.
 
     Args:
-        api_key: The ApiOne API key (sent as ``X-API-Key``, never logged).
+        api_key: The ApiOne API key, or a :class:`~apione_source.secret.Secret` of it
+            (sent as ``X-API-Key``, never logged; kept only as a Secret).
         base_url: API root, e.g. a sandbox's ``base_url``.
         connect_timeout: Seconds to establish a connection.
         read_timeout: Seconds to wait for an answer.
@@ -338,7 +453,7 @@ class ApiOneClient(_ClientBase):
 
     def __init__(
         self,
-        api_key: str,
+        api_key: str | Secret,
         base_url: str = DEFAULT_BASE_URL,
         *,
         connect_timeout: float = 5.0,
@@ -412,7 +527,7 @@ class AsyncApiOneClient(_ClientBase):
 
     def __init__(
         self,
-        api_key: str,
+        api_key: str | Secret,
         base_url: str = DEFAULT_BASE_URL,
         *,
         connect_timeout: float = 5.0,

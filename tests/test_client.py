@@ -8,8 +8,10 @@ No real sleeps: every client gets a sleep that only records the delays.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
+import pickle
 import random
 import socket
 import threading
@@ -18,7 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
+import httpx
 import pytest
 
 from apione_source.client import ApiOneClient, AsyncApiOneClient
@@ -41,6 +45,7 @@ from apione_source.errors import (
 )
 from apione_source.models import JobStatus, RecordStatus
 from apione_source.retry import RetryPolicy, parse_retry_after
+from apione_source.secret import Secret
 
 SECRET = "sk_live_SECRET123"
 JOB = "job_abc123"
@@ -231,14 +236,215 @@ def test_repr_shows_base_url_only() -> None:
         assert repr(client) == "ApiOneClient(base_url='http://127.0.0.1:9/api/v1')"
 
 
-@pytest.mark.parametrize("job_id", ["abc", "job_", "job_a/b", "../job_x", "job_1 ", "job_1\n", ""])
-def test_given_bad_job_id_when_reading_then_bad_request_without_a_call(
-    scripted: Callable[..., ScriptedServer], job_id: str
+# --- job ids: any id ApiOne gave is polled, as one path segment ---------------------------
+
+ODD_JOB_IDS = [
+    ("abc", "abc"),
+    ("job_", "job_"),
+    ("job-a/b", "job-a%2Fb"),
+    ("job-7f3a.b:c/d e", "job-7f3a.b%3Ac%2Fd%20e"),
+    ("../job_x", "..%2Fjob_x"),
+    ("..", "%2E%2E"),
+    (".", "%2E"),
+    ("job_1 ", "job_1%20"),
+    ("job_1\n", "job_1%0A"),
+    ("a?b#c", "a%3Fb%23c"),
+    ("100%2F", "100%252F"),
+    ("j\u00f6b", "j%C3%B6b"),
+]
+
+
+def recording_transport(seen: list[httpx.Request], job_id: str) -> httpx.MockTransport:
+    """Answers every read with a completed job ``job_id`` (results included)."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=results_body(job_id))
+
+    return httpx.MockTransport(handle)
+
+
+@pytest.mark.parametrize(("job_id", "segment"), ODD_JOB_IDS)
+def test_given_unusual_job_id_when_reading_then_sent_as_one_encoded_path_segment(
+    job_id: str, segment: str
+) -> None:
+    seen: list[httpx.Request] = []
+    base = "http://127.0.0.1:9/api/v1"
+    with ApiOneClient(SECRET, base, transport=recording_transport(seen, job_id)) as client:
+        assert client.get_job(job_id).job_id == job_id
+        assert client.get_results(job_id).job_id == job_id
+
+    async def read_async() -> None:
+        transport = recording_transport(seen, job_id)
+        async with AsyncApiOneClient(SECRET, base, transport=transport) as client:
+            await client.get_job(job_id)
+            await client.get_results(job_id)
+
+    asyncio.run(read_async())
+    paths = [r.url.raw_path for r in seen]
+    status, results = (f"/api/v1/async/{kind}/{segment}".encode() for kind in ("status", "results"))
+    assert paths == [status, results, status, results]
+    assert unquote(segment) == job_id  # the server decodes exactly the id
+
+
+def test_given_slash_in_job_id_when_polling_over_http_then_the_server_sees_percent_2f(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted(
+        {
+            "/async/status/job-a%2Fb": [ok(**job_body("job-a/b"))],
+            "/async/results/job-a%2Fb": [ok(**results_body("job-a/b"))],
+        }
+    )
+    with client_for(server.base_url) as client:
+        assert client.get_job("job-a/b").job_id == "job-a/b"
+        assert len(client.get_results("job-a/b").results) == 2
+    assert [(m, p) for m, p, _, _ in server.requests] == [
+        ("GET", "/async/status/job-a%2Fb"),
+        ("GET", "/async/results/job-a%2Fb"),
+    ]
+
+
+@pytest.mark.parametrize("job_id", ["", None, 42, b"job_1"])
+def test_given_empty_or_non_string_job_id_when_reading_then_bad_request_without_a_call(
+    scripted: Callable[..., ScriptedServer], job_id: Any
 ) -> None:
     server = scripted({})
-    with client_for(server.base_url) as client, pytest.raises(BadRequestError, match="job_"):
-        client.get_job(job_id)
+    with client_for(server.base_url) as client:
+        with pytest.raises(BadRequestError, match="non-empty string"):
+            client.get_job(job_id)
+        with pytest.raises(BadRequestError, match="non-empty string"):
+            client.get_results(job_id)
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("job_id", "accepted"),
+    [("job-7f3a.b:c/d e", True), ("x" * 256, True), ("", False), ("x" * 257, False)],
+)
+def test_given_submit_answer_job_id_when_parsed_then_any_non_empty_id_is_kept(
+    scripted: Callable[..., ScriptedServer], job_id: str, accepted: bool
+) -> None:
+    body = {**SUBMITTED.body, "job_id": job_id}
+    server = scripted({"/async/enrich": [Reply(200, body)]})
+    with client_for(server.base_url) as client:
+        if accepted:
+            assert client.submit_job("company", RECORDS).job_id == job_id
+        else:
+            with pytest.raises(SubmitOutcomeUnknownError) as info:
+                client.submit_job("company", RECORDS)
+            assert info.value.records == RECORDS
+    assert server.count("/async/enrich") == 1
+
+
+def test_given_long_odd_job_id_when_logged_and_in_errors_then_only_an_escaped_prefix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="apione_source.client")
+    job_id = "job-\n" + "x" * 300 + "TAIL"
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": {"code": "down", "message": "down"}})
+
+    client = ApiOneClient(
+        SECRET, "http://127.0.0.1:9", transport=httpx.MockTransport(handle), sleep=Sleeps()
+    )
+    with client, pytest.raises(ServerError) as info:
+        client.get_job(job_id)
+    assert info.value.job_id == job_id  # the caller still knows which job
+    texts = [str(info.value), *(r.getMessage() for r in caplog.records)]
+    assert len(caplog.records) > 1
+    for text in texts:
+        assert "TAIL" not in text and "\n" not in text
+        assert "job-\\nxxx" in text  # an escaped prefix, enough to recognise it
+
+
+def test_given_the_key_as_job_id_when_reading_then_refused_before_it_reaches_a_url(
+    scripted: Callable[..., ScriptedServer],
+) -> None:
+    server = scripted({})
+    with client_for(server.base_url) as client, pytest.raises(BadRequestError) as info:
+        client.get_job(f"job_{SECRET}")
+    assert "API key" in str(info.value)
+    assert SECRET not in str(info.value)
+    assert server.requests == []
+
+
+# --- the key: a Secret, added per request --------------------------------------------------
+
+
+def test_secret_masks_itself_and_reveals_on_demand() -> None:
+    secret = Secret(SECRET)
+    assert repr(secret) == "Secret('***')"
+    assert str(secret) == f"{secret}" == "***"
+    assert secret.reveal() == SECRET
+    assert Secret(secret).reveal() == SECRET
+    assert copy.deepcopy(secret) is secret
+    assert not hasattr(secret, "__dict__")
+    stored = [getattr(secret, slot) for slot in Secret.__slots__]
+    assert all(SECRET.encode() not in b and SECRET not in repr(b) for b in stored)
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
+    with pytest.raises(AttributeError):
+        secret._pad = b""  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Secret(b"sk")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("as_secret", [False, True])
+def test_given_key_when_requests_are_sent_then_header_only_while_sending(
+    as_secret: bool,
+) -> None:
+    seen: list[tuple[httpx.Request, str | None]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append((request, request.headers.get("X-API-Key")))
+        if request.url.path.endswith("/job_down"):
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json=job_body())
+
+    key: str | Secret = Secret(f" {SECRET} ") if as_secret else SECRET
+    client = ApiOneClient(
+        key, "http://127.0.0.1:9", transport=httpx.MockTransport(handle), sleep=Sleeps(), retry=FAST
+    )
+    with client:
+        assert "X-API-Key" not in client._http.headers
+        assert SECRET not in repr(dict(client._http.headers))
+        assert client.get_job(JOB).job_id == JOB
+        with pytest.raises(TransportError):
+            client.get_job("job_down")
+    assert len(seen) == 1 + FAST.max_attempts  # the connect error was retried
+    assert all(sent == SECRET for _, sent in seen)
+    assert all(request.headers.get("X-API-Key") is None for request, _ in seen)
+
+
+def test_given_key_when_async_requests_are_sent_then_header_only_while_sending() -> None:
+    seen: list[tuple[httpx.Request, str | None]] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        seen.append((request, request.headers.get("X-API-Key")))
+        if request.url.path.endswith("/job_down"):
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json=job_body())
+
+    async def no_sleep(seconds: float) -> None:
+        pass
+
+    async def scenario() -> None:
+        async with AsyncApiOneClient(
+            Secret(SECRET),
+            "http://127.0.0.1:9",
+            transport=httpx.MockTransport(handle),
+            sleep=no_sleep,
+        ) as client:
+            assert "X-API-Key" not in client._http.headers
+            await client.get_job(JOB)
+            with pytest.raises(TransportError):
+                await client.get_job("job_down")
+
+    asyncio.run(scenario())
+    assert len(seen) > 2 and all(sent == SECRET for _, sent in seen)
+    assert all(request.headers.get("X-API-Key") is None for request, _ in seen)
 
 
 def test_given_unknown_type_or_no_records_when_submitting_then_bad_request() -> None:
