@@ -32,6 +32,7 @@ class KeyState:
     input: Any
     pks: set[str] = field(default_factory=set)
     retries: int = 0  # non-final outcomes since the last final one
+    submitted_at: datetime | None = None  # when the job of this outcome was sent
 
 
 @dataclass
@@ -84,16 +85,29 @@ def load_known_keys(
     known = KnownKeys()
     try:
         with pipeline.sql_client() as client:
-            cols = ["key", "status", "finished_at", "job_id", "input_pk", "input"]
+            cols = ["key", "status", "finished_at", "job_id", "input_pk", "input", "submitted_at"]
+            c = {name: client.escape_column_name(name) for name in [*cols, "attempt"]}
+            # Job order, then attempt: never write order (an old job's report may be
+            # written after a newer job's results).
             sql = (
-                f"SELECT {', '.join(client.escape_column_name(c) for c in cols)} FROM "
+                f"SELECT {', '.join(c[n] for n in cols)} FROM "
                 f"{client.make_qualified_table_name(names.outcomes)} ORDER BY "
-                f"{client.escape_column_name('finished_at')}"
+                f"COALESCE({c['submitted_at']}, {c['finished_at']}), {c['attempt']}, "
+                f"{c['finished_at']}"
             )
             with client.execute_query(sql) as cur:
                 while batch := cur.fetchmany(chunk_size):
-                    for key, status, finished_at, job_id, input_pk, input_ in batch:
-                        _fold(known, key, status, _aware(finished_at), job_id, input_pk, input_)
+                    for key, status, finished_at, job_id, input_pk, input_, sent in batch:
+                        _fold(
+                            known,
+                            key,
+                            status,
+                            _aware(finished_at),
+                            job_id,
+                            input_pk,
+                            input_,
+                            _aware(sent) if sent is not None else None,
+                        )
     except DatabaseUndefinedRelation:
         # Failing open here would pay for every record again: only on a first run.
         if must_exist:
@@ -109,20 +123,22 @@ def _fold(
     job_id: str | None,
     input_pk: str | None,
     input_: Any,
+    submitted_at: datetime | None,
 ) -> None:
-    """Fold one outcome row (rows come oldest first) into the key's state."""
+    """Fold one outcome row (rows come in job order) into the key's state."""
     if isinstance(input_, str):  # JSON columns come back as text on some warehouses
         input_ = json.loads(input_)
     is_retry = status not in FINAL_STATUSES
     state = known.keys.get(key)
     if state is None:
         state = known.keys[key] = KeyState(
-            status, finished_at, job_id, input_, retries=int(is_retry)
+            status, finished_at, job_id, input_, retries=int(is_retry), submitted_at=submitted_at
         )
-    elif job_id != state.job_id and finished_at >= state.finished_at:
-        # a later attempt: count consecutive non-final ones (one per job, not per row)
+    elif job_id != state.job_id:
+        # a later job: count consecutive non-final ones (one per job, not per row)
         state.retries = state.retries + 1 if is_retry else 0
         state.status, state.finished_at, state.job_id = status, finished_at, job_id
+        state.submitted_at = submitted_at
         state.input = input_ or state.input
     if input_pk is not None:
         state.pks.add(input_pk)

@@ -1,63 +1,79 @@
-"""A local write-ahead journal of submits and jobs, durable across SIGKILL.
+"""The job journal: every paid submit's lifecycle, one durable row per transition.
 
-dlt commits resource state only after a successful extract and restores it only from
-completed loads, so a job id that exists only in dlt state is lost if the process dies
-between the submit answer and the end of extract. The journal closes that window: an
-*intent* (what is about to be sent) is committed before the request leaves, and the job
-id is committed in the same transaction that removes the intent, the moment the answer
-arrives. SQLite in WAL mode with ``synchronous=FULL`` makes each commit durable.
+ApiOne bills a record when a job is created, so the journal must know about a submit
+*before* the request leaves, and must never let two runs act on the same spent job.
+It is a state machine over *entries*. An entry is a batch of unique records that stays
+together across resends; each resend is a new generation ``g`` of the same entry::
 
-What remains after a crash:
+    send(g) ──► job(g) ──► collected(g, L) ──► done once load L completed
+      │           │
+      │           └──► spent(g, reason, resend, L) ──► send(g+1) ──► ...
+      │                 (failed, expired, timed_out, vanished)
+      ├──► unsent(g)    the request certainly created no job: send again, free
+      └──► (nothing)    a later run finds it: the answer was lost -> spent(g, lost)
 
-* an intent without a job: the submit was in flight, its answer was lost. The server may
-  have created (and billed) the job; the records are resubmitted and the event is
-  counted (the one accepted double payment);
-* a job ``in_flight``: collected by the next run;
-* a job ``fetched`` into load package ``load_id``: done if that load completed, otherwise
-  the package was lost and the results are fetched again.
+    planned ──► send(1)          a piece of an entry dissolved after a 413
+    job(g) ──► deferred          a status answer ApiOne's contract does not know:
+                                 keep the job (and its keys) and look again later
+    job(g) ──► joined            input rows that arrived later for a key in flight
 
-The file lives beside the pipeline's working directory (see :meth:`Journal.path_for`);
-if the pipelines directory itself is lost, dlt state restored from the destination still
-holds the job ids that were in flight at the end of the last completed load.
+Why it is safe under a kill anywhere:
+
+* Every transition is **one INSERT statement** (one or several rows), atomic on every SQL
+  warehouse, written through the destination's own SQL client the moment it happens. A
+  spent job and its replacement are the same row, so a job can neither be replaced twice
+  nor handled again once replaced.
+* ``collected``/``spent`` rows name the load package that carries their rows; they count
+  only once dlt marked that load completed (``_dlt_loads``). Until then a collected job is
+  fetched again and a spent job's report is written again (both merge idempotently).
+* The table lives in the destination dataset, beside dlt's own state, so a run on an
+  empty disk (a new container, a wiped pipelines dir) knows every paid job.
+* The journal is keyed by *scope* (the outcomes table), not by pipeline: two pipeline
+  names over the same tables and dataset see, and never pay for, each other's jobs.
+
+The pure part (:func:`fold`) turns rows into entries; :class:`Journal` writes the
+transitions through a :class:`JournalStore`. Both are small enough to test exhaustively
+(``tests/test_journal_state_machine.py``).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from apione_source.errors import ConcurrentRunError
+# Entry phases (derived, never stored).
+TO_SEND = "to_send"  # records to send: nothing in flight, nothing paid for this generation
+SENDING = "sending"  # send(g) written, no answer yet; found at a run's start: lost answer
+IN_FLIGHT = "in_flight"  # a job exists (possibly collected into a load not yet completed)
+CLOSED = "closed"  # nothing more to send or collect (reports may still be unconfirmed)
 
-IN_FLIGHT = "in_flight"
-FETCHED = "fetched"
+# Reasons a job is spent; each may mean the records were paid once more.
+FAILED = "failed"
+EXPIRED = "expired"
+TIMED_OUT = "timed_out"
+VANISHED = "vanished"
+LOST = "lost"
+SPENT_REASONS = (FAILED, EXPIRED, TIMED_OUT, VANISHED, LOST)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS intents (
-    intent_id TEXT PRIMARY KEY,
-    type TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    items TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    type TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    record_count INTEGER NOT NULL,
-    submitted_at REAL NOT NULL,
-    run_id TEXT NOT NULL,
-    items TEXT,
-    load_id TEXT
-);
-"""
+# Every value is non-NULL ('' when unset): typed NULL parameters trip some drivers.
+COLUMNS = (
+    "entry_id",  # one batch of unique records, across its resends
+    "seq",  # order of the entry's rows
+    "gen",  # which send of the entry
+    "event",  # the transition
+    "scope",  # the outcomes table: every pipeline loading into it shares the entries
+    "pipeline",  # the pipeline that wrote the row (for people reading the table)
+    "job_id",
+    "reason",  # why a job was spent
+    "error",
+    "items",  # JSON: [key, record, input pks, attempt] per record
+    "load_id",  # the load package a row's results or report travel in
+    "written_at",  # unix seconds
+)
 
 
 @dataclass
@@ -89,201 +105,451 @@ class BatchItem:
         key, record, pks, attempt = raw
         return cls(key, record, list(pks), int(attempt))
 
-
-@dataclass
-class JournalJob:
-    """A job the journal knows about."""
-
-    job_id: str
-    type: str
-    state: str
-    attempt: int
-    record_count: int
-    submitted_at: float
-    run_id: str
-    items: list[BatchItem] | None
-    load_id: str | None = None
+    def add_pks(self, pks: Iterable[str]) -> list[str]:
+        """Add input rows to this key; returns those that were new."""
+        seen = set(self.pks)
+        new = [p for p in pks if p not in seen and not seen.add(p)]  # type: ignore[func-returns-value]
+        self.pks.extend(new)
+        return new
 
 
 @dataclass
-class LostSubmit:
-    """A submit whose answer never arrived (crash or lost answer)."""
+class SpentGen:
+    """A generation of an entry whose job ended without usable results.
 
-    intent_id: str
-    type: str
-    attempt: int
-    created_at: float
+    Attributes:
+        gen: The generation.
+        job_id: The job, or None when the submit answer was lost.
+        reason: One of :data:`SPENT_REASONS`.
+        error: What ApiOne (or the run) said.
+        items: The records of that generation (with their input rows).
+        resend: Keys sent again in the next generation (the rest ended ``error``).
+        submitted_at: When that generation was sent (unix seconds).
+        at: When it was found spent.
+        sent_in_load: The load id of the run that sent it.
+        loads: Load packages that carry its report.
+    """
+
+    gen: int
+    job_id: str | None
+    reason: str
+    error: str
     items: list[BatchItem]
+    resend: set[str]
+    submitted_at: float
+    at: float
+    sent_in_load: str = ""
+    loads: set[str] = field(default_factory=set)
 
 
-def _dump_items(items: list[BatchItem] | None) -> str | None:
-    if items is None:
-        return None
+@dataclass
+class Entry:
+    """An entry folded from its journal rows (see the module docstring)."""
+
+    entry_id: str
+    scope: str
+    pipeline: str
+    gen: int = 0
+    phase: str = TO_SEND
+    items: list[BatchItem] = field(default_factory=list)
+    job_id: str | None = None
+    sent_at: float = 0.0
+    sent_in_load: str = ""
+    submitted_at: float = 0.0
+    collected_in: set[str] = field(default_factory=set)
+    spent: list[SpentGen] = field(default_factory=list)
+    deferrals: int = 0
+    last_deferred_at: float = 0.0
+    seq: int = 0  # last row's sequence number: rows of one entry are ordered by it
+    # Filled in by Journal.open from the completed loads:
+    done: bool = False
+    unreported: list[SpentGen] = field(default_factory=list)
+
+    @property
+    def attempt(self) -> int:
+        """The highest attempt among the records of the current generation."""
+        return max((i.attempt for i in self.items), default=1)
+
+    @property
+    def keys(self) -> list[str]:
+        """Keys of the current generation."""
+        return [i.key for i in self.items]
+
+
+class JournalStore(Protocol):
+    """Where journal rows live: append (one atomic statement), read, delete."""
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``rows`` in one atomic statement."""
+
+    def read(self, scope: str) -> list[dict[str, Any]]:
+        """Every row of ``scope``."""
+
+    def delete(self, scope: str, entry_ids: Sequence[str]) -> None:
+        """Forget finished entries."""
+
+
+class MemoryStore:
+    """A :class:`JournalStore` in a list, for tests and for reasoning."""
+
+    def __init__(self) -> None:
+        """An empty store."""
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:  # noqa: D102
+        self.rows.extend(dict(r) for r in rows)
+
+    def read(self, scope: str) -> list[dict[str, Any]]:  # noqa: D102
+        return [dict(r) for r in self.rows if r["scope"] == scope]
+
+    def delete(self, scope: str, entry_ids: Sequence[str]) -> None:  # noqa: D102
+        gone = set(entry_ids)
+        self.rows = [r for r in self.rows if not (r["scope"] == scope and r["entry_id"] in gone)]
+
+
+def _items_json(items: Iterable[BatchItem]) -> str:
     return json.dumps([i.to_json() for i in items], separators=(",", ":"))
 
 
-def _load_items(raw: str | None) -> list[BatchItem] | None:
-    if raw is None:
-        return None
-    return [BatchItem.from_json(r) for r in json.loads(raw)]
+def _items(raw: str) -> list[BatchItem]:
+    return [BatchItem.from_json(r) for r in json.loads(raw)] if raw else []
+
+
+def fold(rows: Iterable[dict[str, Any]]) -> dict[str, Entry]:
+    """Entries from journal rows (pure). Rows of one entry are applied in ``seq`` order."""
+    by_entry: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_entry.setdefault(row["entry_id"], []).append(row)
+    entries = {}
+    for entry_id, entry_rows in by_entry.items():
+        entry_rows.sort(key=lambda r: int(r["seq"]))
+        first = entry_rows[0]
+        entry = Entry(entry_id, first["scope"], first["pipeline"])
+        for row in entry_rows:
+            _apply(entry, row)
+        entries[entry_id] = entry
+    return entries
+
+
+def _apply(entry: Entry, row: dict[str, Any]) -> None:
+    """Apply one row. A row that does not fit the entry's phase is ignored.
+
+    Never raise here: one odd row must not stop every later run.
+    """
+    event, gen, at = row["event"], int(row["gen"]), float(row["written_at"])
+    entry.seq = int(row["seq"])
+    if event == "planned":
+        entry.gen, entry.items, entry.phase = gen, _items(row["items"]), TO_SEND
+    elif event == "send":
+        entry.gen, entry.items, entry.phase = gen, _items(row["items"]), SENDING
+        entry.sent_at, entry.job_id, entry.collected_in = at, None, set()
+        entry.sent_in_load = row["load_id"]
+        entry.deferrals = 0
+    elif event == "unsent" and entry.phase == SENDING and gen == entry.gen:
+        entry.phase = TO_SEND
+    elif event == "job" and entry.phase == SENDING and gen == entry.gen:
+        entry.job_id, entry.submitted_at, entry.phase = row["job_id"], at, IN_FLIGHT
+    elif event == "collected" and entry.phase == IN_FLIGHT and gen == entry.gen:
+        entry.collected_in.add(row["load_id"])
+    elif event == "spent" and entry.phase in (SENDING, IN_FLIGHT) and gen == entry.gen:
+        resend = _items(row["items"])
+        entry.spent.append(
+            SpentGen(
+                gen=gen,
+                job_id=entry.job_id,
+                reason=row["reason"],
+                error=row["error"],
+                items=entry.items,
+                resend={i.key for i in resend},
+                submitted_at=entry.submitted_at or entry.sent_at,
+                at=at,
+                sent_in_load=entry.sent_in_load,
+                loads={row["load_id"]},
+            )
+        )
+        entry.job_id, entry.collected_in = None, set()
+        if resend:
+            entry.items, entry.phase = resend, TO_SEND
+        else:
+            entry.items, entry.phase = [], CLOSED
+    elif event == "reported":
+        for spent in entry.spent:
+            if spent.gen == gen:
+                spent.loads.add(row["load_id"])
+    elif event == "joined":
+        by_key = {i.key: i for i in entry.items}
+        for joined in _items(row["items"]):
+            if joined.key in by_key:
+                by_key[joined.key].add_pks(joined.pks)
+    elif event == "deferred" and entry.phase == IN_FLIGHT and gen == entry.gen:
+        entry.deferrals += 1
+        entry.last_deferred_at = at
+    elif event == "dissolved" and entry.phase == TO_SEND:
+        entry.items, entry.phase = [], CLOSED
 
 
 class Journal:
-    """SQLite-backed journal; every method commits before it returns."""
+    """Writes an entry's transitions, one atomic append each, and keeps entries folded.
 
-    @staticmethod
-    def path_for(pipelines_dir: str | Path, pipeline_name: str, resource_name: str) -> Path:
-        """Where a resource's journal lives: beside its pipeline's working dir, not in it.
+    One :class:`Journal` serves one run of one scope. Call :meth:`open` first.
+    """
 
-        dlt wipes the working dir when it finds local data but no dataset at the
-        destination (a first run killed before its first load): a journal inside would
-        be wiped with it, and every job it knew paid for again. One journal per resource,
-        so two enrichments in one pipeline never see each other's jobs.
+    def __init__(
+        self,
+        store: JournalStore,
+        scope: str,
+        pipeline: str,
+        run_id: str,
+        clock: Callable[[], float],
+    ) -> None:
+        """Bind the journal to ``scope`` (the outcomes table) for one run of ``pipeline``.
+
+        ``run_id`` (the run's load id) is recorded on every submit.
         """
-        return Path(pipelines_dir) / f"{pipeline_name}.{resource_name}.apione_journal.sqlite"
+        self.store = store
+        self.scope = scope
+        self.pipeline = pipeline
+        self.run_id = run_id
+        self.clock = clock
+        self.entries: dict[str, Entry] = {}
 
-    def __init__(self, path: str | Path) -> None:
-        """Open (creating if needed) the journal at ``path``, locking it for this run.
+    def open(self, completed: Callable[[set[str]], set[str]]) -> None:
+        """Read the scope's entries, settle them against completed loads, forget finished ones.
 
-        Raises:
-            ConcurrentRunError: Another process holds the journal (a run of the same
-                pipeline is in progress): two runs would submit the same records.
+        Args:
+            completed: Given load ids, returns those whose load completed at the
+                destination.
         """
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The lock is released by the OS when the process dies, so a SIGKILL never
-        # leaves a stale lock behind.
-        self._lock = open(self.path.with_suffix(".lock"), "a+")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ConcurrentRunError(
-                f"another run of this pipeline holds {self.path}: run one at a time per "
-                "pipeline name and working directory"
-            ) from None
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        """Close the database and release the run lock."""
-        self._db.close()
-        self._lock.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    # --- submits ---------------------------------------------------------------------
-
-    def begin_submit(self, type_: str, attempt: int, items: list[BatchItem], now: float) -> str:
-        """Record what is about to be sent; call before the request leaves.
-
-        Returns:
-            The intent id, to pass to :meth:`submitted` or :meth:`abandon`.
-        """
-        intent_id = uuid.uuid4().hex
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO intents VALUES (?, ?, ?, ?, ?)",
-                (intent_id, type_, attempt, now, _dump_items(items)),
+        self.entries = fold(self.store.read(self.scope))
+        loads = set()
+        for e in self.entries.values():
+            loads |= e.collected_in
+            for s in e.spent:
+                loads |= s.loads
+        done_loads = completed(loads) if loads else set()
+        finished = []
+        for e in self.entries.values():
+            e.unreported = [s for s in e.spent if not s.loads & done_loads]
+            e.done = e.phase == CLOSED or (
+                e.phase == IN_FLIGHT and bool(e.collected_in & done_loads)
             )
-        return intent_id
+            if e.done and not e.unreported:
+                finished.append(e.entry_id)
+        if finished:
+            self.store.delete(self.scope, finished)
+            for entry_id in finished:
+                del self.entries[entry_id]
 
-    def submitted(self, intent_id: str, job_id: str, run_id: str, now: float) -> JournalJob:
-        """Turn an intent into an in-flight job, atomically, as soon as the answer arrives."""
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT type, attempt, items FROM intents WHERE intent_id = ?", (intent_id,)
-            ).fetchone()
-            if row is None:
-                raise KeyError(f"unknown submit intent {intent_id}")
-            type_, attempt, items_raw = row
-            items = _load_items(items_raw) or []
-            db.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
-            db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (job_id, type_, IN_FLIGHT, attempt, len(items), now, run_id, items_raw),
-            )
-        return JournalJob(job_id, type_, IN_FLIGHT, attempt, len(items), now, run_id, items)
+    # --- reading ------------------------------------------------------------------------
 
-    def abandon(self, intent_id: str) -> None:
-        """Drop an intent that certainly created no job (e.g. answered 413 or 429)."""
-        with self._tx() as db:
-            db.execute("DELETE FROM intents WHERE intent_id = ?", (intent_id,))
+    def in_phase(self, *phases: str) -> list[Entry]:
+        """Open entries in one of ``phases``, oldest first."""
+        found = [e for e in self.entries.values() if e.phase in phases and not e.done]
+        return sorted(found, key=lambda e: (e.sent_at, e.entry_id))
 
-    def lost_submits(self) -> list[LostSubmit]:
-        """Intents left by a previous process: their answers were lost."""
-        rows = self._db.execute(
-            "SELECT intent_id, type, attempt, created_at, items FROM intents"
-        ).fetchall()
-        return [LostSubmit(r[0], r[1], r[2], r[3], _load_items(r[4]) or []) for r in rows]
+    def reserved_keys(self) -> Iterator[tuple[str, Entry]]:
+        """Every key an open entry may still pay for or collect, with its entry."""
+        for e in self.entries.values():
+            if not e.done:
+                for item in e.items:
+                    yield item.key, e
 
-    # --- jobs ------------------------------------------------------------------------
+    # --- transitions --------------------------------------------------------------------
 
-    def adopt(self, job: JournalJob) -> None:
-        """Insert a job known from elsewhere (dlt state) if the journal lacks it."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.job_id,
-                    job.type,
-                    job.state,
-                    job.attempt,
-                    job.record_count,
-                    job.submitted_at,
-                    job.run_id,
-                    _dump_items(job.items),
-                    job.load_id,
-                ),
-            )
-
-    def jobs(self, state: str | None = None) -> list[JournalJob]:
-        """Jobs in the journal, optionally only those in ``state``, oldest first."""
-        sql = (
-            "SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY submitted_at"
+    def _row(self, entry: Entry, event: str, **values: Any) -> dict[str, Any]:
+        entry.seq += 1
+        row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
+        row.update(
+            entry_id=entry.entry_id,
+            seq=entry.seq,
+            gen=entry.gen,
+            event=event,
+            scope=self.scope,
+            pipeline=self.pipeline,
+            written_at=self.clock(),
         )
-        rows = self._db.execute(sql, (state,) if state else ()).fetchall()
-        return [
-            JournalJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _load_items(r[7]), r[8])
-            for r in rows
-        ]
+        row.update(values)
+        return row
 
-    def mark_fetched(self, job_ids: list[str], load_id: str) -> None:
-        """Record that these jobs' outcomes went into load package ``load_id``."""
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE jobs SET state = ?, load_id = ? WHERE job_id = ?",
-                [(FETCHED, load_id, j) for j in job_ids],
+    def _write(self, entry: Entry, rows: list[dict[str, Any]]) -> None:
+        self.store.append(rows)  # durable first: memory follows what the store holds
+        for row in rows:
+            _apply(entry, row)
+
+    def new_entry(self) -> Entry:
+        """A fresh entry (nothing is written until :meth:`send`)."""
+        entry = Entry(uuid.uuid4().hex, self.scope, self.pipeline)
+        self.entries[entry.entry_id] = entry
+        return entry
+
+    def send(self, entry: Entry, items: list[BatchItem]) -> None:
+        """Before the request leaves: what is about to be sent (the intent)."""
+        if entry.phase != TO_SEND:
+            raise RuntimeError(f"entry {entry.entry_id} is {entry.phase}, not to_send")
+        row = self._row(entry, "send", items=_items_json(items), gen=entry.gen + 1)
+        row["load_id"] = self.run_id
+        self._write(entry, [row])
+        entry.items = items  # the caller's objects (they carry input cursors)
+
+    def job_created(self, entry: Entry, job_id: str) -> None:
+        """The submit answer arrived: the job exists (and is billed)."""
+        self._write(entry, [self._row(entry, "job", job_id=job_id)])
+
+    def unsent(self, entry: Entry, error: str) -> None:
+        """The request certainly created no job (refused before processing)."""
+        self._write(entry, [self._row(entry, "unsent", error=error[:2000])])
+
+    def spend(
+        self, entry: Entry, reason: str, error: str, resend: list[BatchItem], load_id: str
+    ) -> SpentGen:
+        """The job ended without usable results; ``resend`` goes out as the next generation.
+
+        ``load_id`` is the package that carries the report (ledger and outcome rows).
+        """
+        if reason not in SPENT_REASONS:
+            raise ValueError(f"unknown spent reason {reason!r}")
+        row = self._row(
+            entry,
+            "spent",
+            reason=reason,
+            error=error[:2000],
+            items=_items_json(resend),
+            load_id=load_id,
+        )
+        self._write(entry, [row])
+        return entry.spent[-1]
+
+    def collected(self, entries: Sequence[Entry], load_id: str) -> None:
+        """These jobs' results go into load package ``load_id``."""
+        rows = [self._row(e, "collected", load_id=load_id) for e in entries]
+        if rows:
+            self.store.append(rows)
+            for e, row in zip(entries, rows, strict=True):
+                _apply(e, row)
+
+    def reported(self, entry: Entry, spent: SpentGen, load_id: str) -> None:
+        """A spent generation's report goes (again) into load package ``load_id``."""
+        row = self._row(entry, "reported", load_id=load_id)
+        row["gen"] = spent.gen
+        self._write(entry, [row])
+
+    def deferred(self, entry: Entry, error: str) -> None:
+        """ApiOne answered something the contract does not know; look again later."""
+        self._write(entry, [self._row(entry, "deferred", error=error[:2000])])
+
+    def joined(self, joins: Sequence[tuple[Entry, list[BatchItem]]]) -> None:
+        """Input rows that joined open entries after they were written."""
+        rows = [self._row(e, "joined", items=_items_json(items)) for e, items in joins if items]
+        if rows:
+            self.store.append(rows)
+
+    def dissolve(self, entry: Entry, pieces: list[list[BatchItem]]) -> list[Entry]:
+        """Split a to-send entry into smaller planned entries, in one statement (after a 413)."""
+        new = [Entry(uuid.uuid4().hex, self.scope, self.pipeline) for _ in pieces]
+        rows = [self._row(entry, "dissolved")]
+        for piece_entry, items in zip(new, pieces, strict=True):
+            rows.append(self._row(piece_entry, "planned", items=_items_json(items)))
+        self.store.append(rows)
+        _apply(entry, rows[0])
+        for piece_entry, row in zip(new, rows[1:], strict=True):
+            _apply(piece_entry, row)
+            self.entries[piece_entry.entry_id] = piece_entry
+        return new
+
+
+# --- the destination store ----------------------------------------------------------------
+
+# Column types per destination dialect; anything else gets the SQL standard names.
+_TYPES = {
+    "bigquery": ("STRING", "INT64", "FLOAT64"),
+    "snowflake": ("VARCHAR", "BIGINT", "FLOAT"),
+    "duckdb": ("VARCHAR", "BIGINT", "DOUBLE"),
+    "motherduck": ("VARCHAR", "BIGINT", "DOUBLE"),
+    "mssql": ("NVARCHAR(MAX)", "BIGINT", "FLOAT"),
+    "synapse": ("NVARCHAR(4000)", "BIGINT", "FLOAT"),
+    "clickhouse": ("String", "Int64", "Float64"),
+}
+_DEFAULT_TYPES = ("TEXT", "BIGINT", "DOUBLE PRECISION")
+_INT_COLUMNS = ("seq", "gen")
+_FLOAT_COLUMNS = ("written_at",)
+_INSERT_CHUNK = 100  # rows per INSERT: one statement, so still atomic per transition
+
+
+class SqlStore:
+    """A :class:`JournalStore` in a table of the destination dataset.
+
+    Written through the destination's own SQL client (autocommit: every INSERT is its own
+    transaction), so it needs nothing but the warehouse the results go to.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        table: str,
+        dialect: str,
+    ) -> None:
+        """Prepare the store; the table is created on first use.
+
+        Args:
+            client_factory: Opens a dlt SQL client of the destination (e.g.
+                ``pipeline.sql_client``).
+            table: Table name in the pipeline's dataset.
+            dialect: The destination type, e.g. ``duckdb``.
+        """
+        self._factory = client_factory
+        self._table = table
+        self._types = _TYPES.get(dialect, _DEFAULT_TYPES)
+        self._client: Any = None
+        self._ctx: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> SqlStore:
+        self._ctx = self._factory()
+        self._client = self._ctx.__enter__()
+        if not self._client.has_dataset():
+            self._client.create_dataset()
+        text, integer, double = self._types
+        cols = ", ".join(
+            f"{self._client.escape_column_name(c)} "
+            f"{integer if c in _INT_COLUMNS else double if c in _FLOAT_COLUMNS else text}"
+            for c in COLUMNS
+        )
+        self._client.execute_sql(f"CREATE TABLE IF NOT EXISTS {self._qualified} ({cols})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = self._client = None
+
+    @property
+    def _qualified(self) -> str:
+        return str(self._client.make_qualified_table_name(self._table))
+
+    def _col(self, name: str) -> str:
+        return str(self._client.escape_column_name(name))
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:  # noqa: D102
+        cols = ", ".join(self._col(c) for c in COLUMNS)
+        one = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
+        for start in range(0, len(rows), _INSERT_CHUNK):
+            chunk = rows[start : start + _INSERT_CHUNK]
+            args = [row[c] for row in chunk for c in COLUMNS]
+            sql = f"INSERT INTO {self._qualified} ({cols}) VALUES " + ", ".join([one] * len(chunk))
+            self._client.execute_sql(sql, *args)
+
+    def read(self, scope: str) -> list[dict[str, Any]]:  # noqa: D102
+        cols = ", ".join(self._col(c) for c in COLUMNS)
+        sql = f"SELECT {cols} FROM {self._qualified} WHERE {self._col('scope')} = %s"
+        with self._client.execute_query(sql, scope) as cur:
+            return [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+    def delete(self, scope: str, entry_ids: Sequence[str]) -> None:  # noqa: D102
+        for start in range(0, len(entry_ids), _INSERT_CHUNK):
+            chunk = list(entry_ids[start : start + _INSERT_CHUNK])
+            marks = ", ".join(["%s"] * len(chunk))
+            self._client.execute_sql(
+                f"DELETE FROM {self._qualified} WHERE {self._col('scope')} = %s "
+                f"AND {self._col('entry_id')} IN ({marks})",
+                scope,
+                *chunk,
             )
-
-    def reopen(self, job_ids: list[str]) -> None:
-        """Put fetched jobs back in flight: their load package never completed."""
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE jobs SET state = ?, load_id = NULL WHERE job_id = ?",
-                [(IN_FLIGHT, j) for j in job_ids],
-            )
-
-    def update_items(self, job: JournalJob) -> None:
-        """Persist input rows that joined a running job after it was submitted."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET items = ? WHERE job_id = ?", (_dump_items(job.items), job.job_id)
-            )
-
-    def forget(self, job_ids: Sequence[str] = (), intent_ids: Sequence[str] = ()) -> None:
-        """Delete jobs whose outcomes are loaded, and intents already accounted for."""
-        with self._tx() as db:
-            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in job_ids])
-            db.executemany("DELETE FROM intents WHERE intent_id = ?", [(i,) for i in intent_ids])

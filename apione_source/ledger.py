@@ -9,13 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from apione_source.journal import IN_FLIGHT, BatchItem, JournalJob
+from apione_source.journal import IN_FLIGHT, BatchItem, Entry, SpentGen
 from apione_source.scheduler import Finished
 from apione_source.tables import outcome_id, utc_from_timestamp
-
-# The ledger's status of a submit whose answer was lost (next to the scheduler's
-# Finished.kind values and the journal's in_flight).
-LOST = "lost"
 
 
 def outcome_row(
@@ -28,8 +24,13 @@ def outcome_row(
     record: Any,
     finished_at: datetime,
     load_id: str,
+    submitted_at: datetime | None,
 ) -> dict[str, Any]:
-    """One outcome: what happened to input row ``pk`` (key ``key``) in job ``job_id``."""
+    """One outcome: what happened to input row ``pk`` (key ``key``) in job ``job_id``.
+
+    ``submitted_at`` (when that job was sent) orders a key's outcomes: the latest is the
+    one of the latest job, whatever order the rows were written in.
+    """
     return {
         "outcome_id": outcome_id(job_id, pk, key),
         "input_pk": pk,
@@ -40,17 +41,35 @@ def outcome_row(
         "error": error,
         "input": record,
         "finished_at": finished_at,
+        "submitted_at": submitted_at,
         "load_id": load_id,
     }
 
 
 def outcome_rows(
-    item: BatchItem, job_id: str, status: str, error: str | None, now: datetime, load_id: str
+    item: BatchItem,
+    job_id: str,
+    status: str,
+    error: str | None,
+    now: datetime,
+    load_id: str,
+    submitted_at: datetime,
 ) -> list[dict[str, Any]]:
     """One outcome per input row behind ``item`` (one with no ``input_pk`` if none known)."""
     pks: list[str | None] = list(item.pks) or [None]
     return [
-        outcome_row(item.key, pk, job_id, item.attempt, status, error, item.record, now, load_id)
+        outcome_row(
+            item.key,
+            pk,
+            job_id,
+            item.attempt,
+            status,
+            error,
+            item.record,
+            now,
+            load_id,
+            submitted_at,
+        )
         for pk in pks
     ]
 
@@ -77,20 +96,23 @@ def fixed_rejection_row(pk: str, now: datetime, load_id: str) -> dict[str, Any]:
     }
 
 
-def finished_job_row(fin: Finished, counts: dict[str, int], load_id: str) -> dict[str, Any]:
-    """Ledger row of a job that reached an end this run."""
+def finished_job_row(
+    fin: Finished, type_: str, status: str, counts: dict[str, int], load_id: str
+) -> dict[str, Any]:
+    """Ledger row of a job whose results were collected this run."""
     st = fin.status
+    entry = fin.entry
     return {
-        "job_id": fin.job.job_id,
-        "type": fin.job.type,
-        "status": fin.kind,
-        "record_count": fin.job.record_count,
-        "attempt": fin.job.attempt,
-        "submitted_at": utc_from_timestamp(fin.job.submitted_at),
+        "job_id": entry.job_id,
+        "type": type_,
+        "status": status,
+        "record_count": len(entry.items),
+        "attempt": entry.attempt,
+        "submitted_at": utc_from_timestamp(entry.submitted_at),
         "completed_at": st.completed_at if st else None,
         "expires_at": st.expires_at if st else None,
         "error": fin.error,
-        "submitted_in_load": fin.job.run_id,
+        "submitted_in_load": entry.sent_in_load,
         "updated_in_load": load_id,
         "matched": counts["matched"],
         "not_found": counts["not_found"],
@@ -99,30 +121,48 @@ def finished_job_row(fin: Finished, counts: dict[str, int], load_id: str) -> dic
     }
 
 
-def in_flight_job_row(job: JournalJob, load_id: str) -> dict[str, Any]:
-    """Ledger row of a job still running at the end of a run (carried over)."""
+def spent_job_row(
+    job_id: str,
+    type_: str,
+    spent: SpentGen,
+    errors: int,
+    load_id: str,
+    fin: Finished | None = None,
+) -> dict[str, Any]:
+    """Ledger row of a job (or lost submit) that ended without usable results.
+
+    Its status is the reason (failed, expired, timed_out, vanished, lost): each such row
+    means its records may have been paid once more.
+    """
+    st = fin.status if fin else None
     return {
-        "job_id": job.job_id,
-        "type": job.type,
-        "status": IN_FLIGHT,
-        "record_count": job.record_count,
-        "attempt": job.attempt,
-        "submitted_at": utc_from_timestamp(job.submitted_at),
-        "submitted_in_load": job.run_id,
+        "job_id": job_id,
+        "type": type_,
+        "status": spent.reason,
+        "record_count": len(spent.items),
+        "attempt": max((i.attempt for i in spent.items), default=1),
+        "submitted_at": utc_from_timestamp(spent.submitted_at),
+        "completed_at": st.completed_at if st else None,
+        "expires_at": st.expires_at if st else None,
+        "error": spent.error,
+        "submitted_in_load": spent.sent_in_load,
         "updated_in_load": load_id,
+        "matched": 0,
+        "not_found": 0,
+        "invalid": 0,
+        "errors": errors,
     }
 
 
-def lost_job_row(
-    intent_id: str, items: list[BatchItem], type_: str, load_id: str
-) -> dict[str, Any]:
-    """Ledger row of a submit whose answer was lost: it may have created a billed job."""
+def in_flight_job_row(entry: Entry, type_: str, load_id: str) -> dict[str, Any]:
+    """Ledger row of a job still running at the end of a run (carried over)."""
     return {
-        "job_id": f"lost_{intent_id}",
+        "job_id": entry.job_id,
         "type": type_,
-        "status": LOST,
-        "record_count": len(items),
-        "attempt": max((i.attempt for i in items), default=1),
-        "error": "submit answer lost: the job may exist and be billed; records resubmitted",
+        "status": IN_FLIGHT,
+        "record_count": len(entry.items),
+        "attempt": entry.attempt,
+        "submitted_at": utc_from_timestamp(entry.submitted_at),
+        "submitted_in_load": entry.sent_in_load,
         "updated_in_load": load_id,
     }

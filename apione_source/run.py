@@ -1,4 +1,4 @@
-"""One enrichment run: reconcile, collect carried-over jobs, read input, submit, collect.
+"""One enrichment run: settle the journal, collect carried jobs, read input, submit, collect.
 
 :class:`EnrichmentRun` is the body of the dlt resource. It is a plain (sync) generator
 that drives an asyncio loop step by step, so dlt's extract thread owns the generator,
@@ -7,33 +7,42 @@ loop runs (``_await``).
 
 Order of a run, and why:
 
-1. Reconcile the journal with dlt state and the destination: jobs fetched into a load
-   package that completed are forgotten; those whose package never completed are polled
-   again; jobs only dlt state knows (the journal was lost) are adopted.
-2. Collect every carried-over job before submitting anything new, so no key can be in
-   flight twice and every key's last outcome is known before deciding what to send.
-   Then resubmit what a crashed run's lost submits carried (counted as ``lost``).
+1. Open the journal (:mod:`apione_source.journal`, a table in the destination dataset):
+   entries whose results reached a completed load are forgotten; a submit whose answer
+   never came is spent as ``lost``; a spent job whose report never reached a completed
+   load is reported again. Nothing here needs the local disk.
+2. Poll the carried-over jobs and send what earlier runs left to send. Every key of an
+   open entry is *reserved*: an input row carrying it joins that entry instead of being
+   sent again, whichever pipeline wrote it.
 3. Read the input in chunks; reject what cannot be sent; skip keys with a fresh outcome;
-   batch the rest by unique key and submit as slots free up, yielding results as they
-   come in.
-4. Wait for the jobs until the wait budget ends; the rest carry over (journal + state).
+   batch the rest by unique key and submit as slots free up, collecting as jobs finish.
+4. Wait for the jobs until the wait budget ends; the rest carry over in the journal.
+
+SIGTERM and SIGINT stop the run at the next safe point (a submit in the air is answered
+and journaled first); the run then fails, and the next run picks everything up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import dlt
+from dlt.common.runtime import signals
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
+from apione_source.errors import ConcurrentRunError
 from apione_source.history import (
     KeyState,
     KnownKeys,
@@ -41,18 +50,22 @@ from apione_source.history import (
     load_known_keys,
     rejected_pks,
 )
-from apione_source.journal import FETCHED, IN_FLIGHT, BatchItem, Journal, JournalJob, LostSubmit
+from apione_source.journal import (
+    EXPIRED,
+    IN_FLIGHT,
+    LOST,
+    SENDING,
+    TO_SEND,
+    BatchItem,
+    Entry,
+    Journal,
+    SpentGen,
+    SqlStore,
+)
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
 from apione_source.reader import InputReader, InputRow
-from apione_source.scheduler import (
-    COMPLETED,
-    EXPIRED,
-    REJECTED,
-    Finished,
-    JobScheduler,
-    SchedulerSettings,
-)
+from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import FINAL_STATUSES, TableNames, enrichment_row, utc_from_timestamp
 
 logger = logging.getLogger("apione_source")
@@ -68,7 +81,7 @@ class RunSettings:
 
     Attributes:
         enrichment_type: What to enrich.
-        resource_name: Name of the dlt resource (names the journal and the state).
+        resource_name: Name of the dlt resource (names the state).
         names: Table names.
         scheduler: Limits and timing of jobs.
         ttl_matched: How long a matched (or invalid) outcome stays fresh.
@@ -103,8 +116,14 @@ class RunStats:
     jobs_done: int = 0
     records_collected: int = 0
     resubmitted: int = 0
-    expired: int = 0
-    lost_answers: int = 0
+    spent: dict[str, int] = field(default_factory=dict)  # reason -> jobs (incl. lost)
+    mismatched: int = 0
+    deferred: int = 0
+
+    @property
+    def lost_answers(self) -> int:
+        """Submits whose answer was lost (each may have been paid)."""
+        return self.spent.get(LOST, 0)
 
     def line(self, running: int) -> str:
         """One progress line."""
@@ -118,7 +137,7 @@ class RunStats:
 
 @dataclass
 class _Pending:
-    """Unique keys waiting to be submitted, in arrival order."""
+    """Unique keys read from the input, waiting to be submitted, in arrival order."""
 
     items: dict[str, BatchItem] = field(default_factory=dict)
 
@@ -127,8 +146,7 @@ class _Pending:
         if known is None:
             self.items[item.key] = item
         else:
-            seen = set(known.pks)
-            known.pks.extend(p for p in item.pks if p not in seen)
+            known.add_pks(item.pks)
 
     def take(self, n: int) -> list[BatchItem]:
         return [self.items.pop(k) for k in list(islice(self.items, n))]
@@ -136,6 +154,33 @@ class _Pending:
     def min_cursor(self) -> Any:
         cursors = [i.cursor for i in self.items.values() if i.cursor is not None]
         return min(cursors) if cursors else None
+
+
+class RunLock:
+    """One run at a time per destination dataset and outcomes table, on this machine.
+
+    An OS file lock: released by the kernel when the process dies, so SIGKILL never
+    leaves a stale lock. (Across machines, an orchestrator runs one task at a time.)
+    """
+
+    def __init__(self, pipelines_dir: str, dataset: str, scope: str) -> None:
+        """Take the lock or raise :class:`ConcurrentRunError`."""
+        digest = hashlib.sha1(f"{dataset}\x1f{scope}".encode()).hexdigest()[:16]
+        path = Path(pipelines_dir) / f".apione-{digest}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(path, "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise ConcurrentRunError(
+                f"another run enriching into {dataset}.{scope} is in progress on this "
+                "machine: run one at a time"
+            ) from None
+
+    def release(self) -> None:
+        """Let the next run in."""
+        self._file.close()
 
 
 class EnrichmentRun:
@@ -159,7 +204,10 @@ class EnrichmentRun:
         self.stats = RunStats()
         self.known = KnownKeys()
         self.pending = _Pending()
-        self.handled: list[str] = []  # job ids whose outcomes went into this package
+        self.to_send: list[Entry] = []  # journal entries with records to send
+        self.collected: list[Entry] = []  # entries whose results go into this package
+        self.reserved: dict[str, Entry] = {}  # key -> the open entry that carries it
+        self.joins: dict[str, tuple[Entry, dict[str, BatchItem]]] = {}
         self.wrote_outcomes = False
         self.rejected_before: set[str] = set()
 
@@ -182,7 +230,7 @@ class EnrichmentRun:
         c = self.sched.counters
         self.stats.jobs_submitted = c.submitted_jobs
         self.stats.records_submitted = c.submitted_records
-        self.stats.lost_answers = self._lost_from_journal + c.lost_answers
+        self.stats.deferred = c.deferred
 
     def _cap_left(self) -> int:
         cap = self.s.max_records_per_run
@@ -201,86 +249,87 @@ class EnrichmentRun:
             )
         self.load_id: str = dlt.current.load_package_state()["load_id"]
         self.state: dict[str, Any] = dlt.current.resource_state()
-        journal = Journal(
-            Journal.path_for(pipeline.pipelines_dir, pipeline.pipeline_name, self.s.resource_name)
-        )
-        self.loop = asyncio.new_event_loop()
-        self.sched = JobScheduler(
-            self.client,
-            journal,
-            self.s.enrichment_type.value,
-            self.s.scheduler,
-            self.load_id,
-            clock=self.clock,
-            wall_clock=self.wall_clock,
-            sleep=self.sleep,
-        )
-        self._lost_from_journal = 0
-        try:
-            yield from self._run(pipeline, journal)
-        finally:
-            try:
-                self._await(self.sched.close())
-                self._await(self.client.aclose())
-            finally:
-                self.loop.close()
-                journal.close()
-
-    def _run(self, pipeline: dlt.Pipeline, journal: Journal) -> Iterator[Any]:
-        self._reconcile(pipeline, journal)
-        # 2. collect carried-over jobs first
-        carried = journal.jobs(IN_FLIGHT)
-        self._warn_about_old(carried)
-        self._await(self.sched.track(carried))
-        if carried:
-            logger.info("collecting %d job(s) carried over from earlier runs", len(carried))
-        yield from self._collect()
-        lost = journal.lost_submits()
-        yield from self._resubmit_lost(lost)
-        if self.sched.in_flight:
-            logger.warning(
-                "%d carried-over job(s) still running; submitting nothing new this run",
-                len(self.sched.in_flight),
+        names = self.s.names
+        with ExitStack() as stack:
+            lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
+            stack.callback(lock.release)
+            # SIGTERM/SIGINT set a flag instead of killing us mid-submit; a second one
+            # of the same kind kills as usual.
+            stack.enter_context(signals.intercepted_signals())
+            dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
+            store = stack.enter_context(SqlStore(pipeline.sql_client, names.journal, dialect))
+            self.journal = Journal(
+                store, names.outcomes, pipeline.pipeline_name, self.load_id, self.wall_clock
             )
-        elif self.sched.remaining <= 0:
-            logger.warning("the wait budget went on carried-over jobs; nothing new this run")
-        elif not self.sched.stop_error:
+            self.journal.open(lambda loads: confirmed_loads(pipeline, sorted(loads)))
+            self.loop = asyncio.new_event_loop()
+            stack.callback(self.loop.close)
+            self.sched = JobScheduler(
+                self.client,
+                self.journal,
+                self.s.enrichment_type.value,
+                self.s.scheduler,
+                clock=self.clock,
+                wall_clock=self.wall_clock,
+                sleep=self.sleep,
+                should_stop=signals.was_signal_received,
+            )
+            stack.callback(lambda: self._await(self.client.aclose()))
+            stack.callback(lambda: self._await(self.sched.close()))
+            yield from self._run(pipeline)
+            # A stop request ends the run red: everything is in the journal for the next.
+            signals.raise_if_signalled()
+
+    def _run(self, pipeline: dlt.Pipeline) -> Iterator[Any]:
+        self.state.pop("stop_error", None)
+        self.state.pop("jobs", None)  # in-flight jobs lived here before the journal did
+        journal = self.journal
+        for entry in journal.in_phase(TO_SEND, SENDING, IN_FLIGHT):
+            for item in entry.items:
+                self.reserved[item.key] = entry
+        # 1. settle what earlier runs left: reports that never reached a completed load,
+        #    then submits whose answer never came
+        for entry in list(journal.entries.values()):
+            for spent in entry.unreported:
+                journal.reported(entry, spent, self.load_id)
+                yield from self._report(entry, spent)
+        for entry in journal.in_phase(SENDING):
+            yield from self._settle(Finished(entry, LOST, error="submit answer lost (crash)"))
+        # 2. carried-over jobs and records
+        carried = journal.in_phase(IN_FLIGHT)
+        self._warn_about_old(carried)
+        due = [e for e in carried if self.sched.is_due(e)]
+        if len(due) < len(carried):
+            logger.warning(
+                "%d carried-over job(s) answered outside ApiOne's contract before; their "
+                "records stay reserved and they are looked at again later",
+                len(carried) - len(due),
+            )
+        self._await(self.sched.track(due))
+        if due:
+            logger.info("collecting %d job(s) carried over from earlier runs", len(due))
+        self.to_send.extend(journal.in_phase(TO_SEND))
+        yield from self._collect_ready()
+        self._send_entries()
+        if not self.sched.can_submit:
+            if self.sched.remaining <= 0 and not signals.was_signal_received():
+                logger.warning("the wait budget went on carried-over jobs; nothing new this run")
+        else:
             # 3. read, submit, collect
             yield from self._read_and_submit(pipeline)
-        # 4. wait for everything still running, resubmitting retries while budget lasts
+        # 4. wait for everything still running, resending while the budget lasts
         while True:
+            self._send_entries()
             self._submit_pending(self._cap_left())
             fin = self._await(self.sched.next_finished())
             if fin is None:
                 break
-            yield from self._handle(fin)
-        yield from self._finish(journal, lost)
+            yield from self._settle(fin)
+        yield from self._finish()
 
-    def _reconcile(self, pipeline: dlt.Pipeline, journal: Journal) -> None:
-        self.state.pop("stop_error", None)
-        fetched = journal.jobs(FETCHED)
-        done = confirmed_loads(pipeline, sorted({j.load_id for j in fetched if j.load_id}))
-        journal.forget([j.job_id for j in fetched if j.load_id in done])
-        journal.reopen([j.job_id for j in fetched if j.load_id not in done])
-        for job_id, meta in self.state.get("jobs", {}).items():
-            journal.adopt(
-                JournalJob(
-                    job_id=job_id,
-                    type=meta["type"],
-                    state=IN_FLIGHT,
-                    attempt=meta["attempt"],
-                    record_count=meta["records"],
-                    submitted_at=meta["submitted_at"],
-                    run_id=meta["load_id"],
-                    items=None,
-                )
-            )
-
-    def _warn_about_old(self, carried: list[JournalJob]) -> None:
+    def _warn_about_old(self, carried: list[Entry]) -> None:
         old = [
-            j.job_id
-            for j in carried
-            if self.wall_clock() - j.submitted_at > self.s.retention_seconds / 2
+            e for e in carried if self.wall_clock() - e.submitted_at > self.s.retention_seconds / 2
         ]
         if old:
             logger.warning(
@@ -289,39 +338,62 @@ class EnrichmentRun:
                 len(old),
             )
 
-    def _collect(self) -> Iterator[Any]:
-        while (fin := self._await(self.sched.next_finished())) is not None:
-            yield from self._handle(fin)
+    def _collect_ready(self) -> Iterator[Any]:
+        for fin in self.sched.drain_ready():
+            yield from self._settle(fin)
 
-    def _resubmit_lost(self, lost: list[LostSubmit]) -> Iterator[Any]:
-        """Report submits a crashed run never heard back from, and resend their records.
+    # --- submitting -------------------------------------------------------------------
 
-        Runs after carried-over jobs are collected: a record whose resend already made it
-        into a job (collected or still running) is not sent a third time.
-        """
-        for submit in lost:
-            self._lost_from_journal += 1
-            row = ledger.lost_job_row(submit.intent_id, submit.items, submit.type, self.load_id)
-            yield self._table(self.s.names.jobs, [row])
-            for item in submit.items:
-                if item.key not in self.known.keys and item.key not in self.sched.in_flight_items:
-                    self.pending.add(item)
+    def _send_entries(self) -> None:
+        """Send journal entries with records to send (resends, carried, dissolved)."""
+        while self.to_send and self.sched.can_submit:
+            entry = self.to_send[0]
+            per_job = self.sched.records_per_job
+            if len(entry.items) > per_job:
+                pieces = [entry.items[i : i + per_job] for i in range(0, len(entry.items), per_job)]
+                self.to_send[:1] = self.journal.dissolve(entry, pieces)
+                for piece in self.to_send[: len(pieces)]:
+                    for item in piece.items:
+                        self.reserved[item.key] = piece
+                continue
+            if len(entry.items) > self._cap_left():
+                return
+            outcome = self._await(self.sched.submit(entry, entry.items))
+            if outcome == "unsent":
+                return
+            if outcome != "shrink":
+                self.to_send.pop(0)
+        self._sync_stats()
 
     def _submit_pending(self, limit: int) -> bool:
         """Submit up to ``limit`` pending records; False when nothing more can go this run."""
-        sched = self.sched
-        if sched.remaining <= 0 or sched.stop_error or sched.submits_paused:
+        if not self.sched.can_submit or self.to_send:
             return False
-        n = min(limit, self._cap_left())
+        n = min(limit, self._cap_left(), self.sched.records_per_job)
         if n <= 0:
             return False
         if not self.pending.items:
             return True
-        unsent = self._await(sched.submit(self.pending.take(n)))
-        for item in unsent:
-            self.pending.add(item)
+        items = self.pending.take(n)
+        entry = self.journal.new_entry()
+        for item in items:
+            self.reserved[item.key] = entry
+        outcome = self._await(self.sched.submit(entry, items))
         self._sync_stats()
-        return not unsent
+        if outcome in ("sent", "lost"):
+            return True
+        if entry.seq == 0:
+            # Nothing was written for it: the records simply wait (cursor protects them).
+            del self.journal.entries[entry.entry_id]
+            for item in items:
+                self.reserved.pop(item.key, None)
+                self.pending.add(item)
+            return False
+        # Sent and refused, or told to shrink: the journal holds the entry now.
+        entry.items = items
+        self.to_send.append(entry)
+        self._send_entries()
+        return not self.to_send
 
     # --- 3. reading and submitting ------------------------------------------------------
 
@@ -354,16 +426,15 @@ class EnrichmentRun:
             per_job = self.sched.records_per_job
             while not stopped and len(self.pending.items) >= per_job:
                 stopped = not self._submit_pending(per_job)
-                for fin in self.sched.drain_ready():
-                    yield from self._handle(fin)
+                yield from self._collect_ready()
             self._progress()
-            if stopped or self.sched.remaining <= 0:
+            if stopped or not self.sched.can_submit:
                 stopped = True
                 break
         if cursor_mode and not stopped:
             # With a cursor only changed rows are read: stale keys come from the history.
             for key, ks in self.known.stale(now, self.s.ttl_matched, self.s.ttl_not_found):
-                if ks.input and key not in self.sched.in_flight_items:
+                if ks.input and key not in self.reserved:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
             # _finish moves it back to the first row whose key stays unsent.
@@ -396,11 +467,13 @@ class EnrichmentRun:
             rejected.append(ledger.fixed_rejection_row(row.pk, now, self.load_id))
         key = norm.key
         if key in self.pending.items:
-            self.pending.items[key].pks.append(row.pk)
+            self.pending.items[key].add_pks([row.pk])
             return "pending"
-        in_flight = self.sched.in_flight_items.get(key)
-        if in_flight is not None:
-            in_flight.pks.append(row.pk)  # its outcome comes with the job's
+        entry = self.reserved.get(key)
+        if entry is not None:
+            # In flight (or to be resent), perhaps by another pipeline: its outcome comes
+            # with that entry's job, so the row joins it instead of paying again.
+            self._join(entry, key, row.pk)
             return "in_flight"
         ks = self.known.keys.get(key)
         if ks is not None and self.known.is_fresh(
@@ -421,6 +494,7 @@ class EnrichmentRun:
                         ks.input,
                         ks.finished_at,
                         self.load_id,
+                        ks.submitted_at,
                     )
                 )
             return "fresh"
@@ -434,176 +508,200 @@ class EnrichmentRun:
         self.pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))
         return "new"
 
-    # --- handling finished jobs --------------------------------------------------------
+    def _join(self, entry: Entry, key: str, pk: str) -> None:
+        for item in entry.items:
+            if item.key == key and item.add_pks([pk]):
+                _, joined = self.joins.setdefault(entry.entry_id, (entry, {}))
+                joined.setdefault(key, BatchItem(key, item.record, [], item.attempt)).pks.append(pk)
 
-    def _items_of(self, fin: Finished) -> list[BatchItem]:
-        if fin.job.items is not None:
-            return fin.job.items
-        if fin.results is None:
-            logger.warning(
-                "job %s (%s) was known only from dlt state, without its records: they "
-                "are not resubmitted now; a full input scan finds them again",
-                fin.job.job_id,
-                fin.kind,
-            )
-            return []
-        # A job adopted from dlt state: rebuild the keys from the echoed inputs.
-        items = []
-        for r in fin.results.results:
-            norm = normalize_record(self.s.enrichment_type, r.input)
-            key = (
-                norm.key if isinstance(norm, Normalized) else f"invalid:{fin.job.job_id}:{r.index}"
-            )
-            items.append(BatchItem(key, r.input, [], fin.job.attempt))
-        return items
+    # --- settling finished jobs ---------------------------------------------------------
 
-    def _results_match(
-        self, job_id: str, items: list[BatchItem], results: list[RecordResult]
-    ) -> bool:
-        """True if ``results`` answer ``items`` one for one; else say why, loudly."""
-        problem = None
-        if sorted(r.index for r in results) != list(range(len(items))):
-            problem = f"result indexes are not 0..{len(items) - 1}"
-        else:
-            for item, result in zip(items, _by_index(results), strict=True):
-                if result.input == item.record:
-                    continue  # the usual case: echoed exactly as sent
-                echoed = normalize_record(self.s.enrichment_type, result.input)
-                if not isinstance(echoed, Normalized) or echoed.key != item.key:
-                    problem = f"result {result.index} echoes another input than was sent"
-                    break
-        if problem:
-            logger.error("job %s: %s; it stays in the ledger for the next run", job_id, problem)
-        return problem is None
-
-    def _handle(self, fin: Finished) -> Iterator[Any]:
-        job = fin.job
+    def _settle(self, fin: Finished) -> Iterator[Any]:
+        """Write what a finished job means: its results, or its spending and resend."""
+        self.stats.jobs_done += 1
+        if fin.kind == COMPLETED and fin.results is not None:
+            yield from self._collect(fin)
+            return
+        entry = fin.entry
+        resend, exhausted = [], []
+        for item in entry.items:
+            if item.attempt < self.s.max_attempts:
+                resend.append(BatchItem(item.key, item.record, list(item.pks), item.attempt + 1))
+            else:
+                exhausted.append(item)
+        spent = self.journal.spend(entry, fin.kind, fin.error or fin.kind, resend, self.load_id)
+        self.stats.spent[fin.kind] = self.stats.spent.get(fin.kind, 0) + 1
+        self.stats.resubmitted += len(resend)
+        logger.warning(
+            "job %s %s (%s): resending %d record(s) (this may cost credits), %d gave up",
+            entry.job_id or f"of a lost submit {entry.entry_id}",
+            fin.kind,
+            fin.error,
+            len(resend),
+            len(exhausted),
+        )
+        if resend:
+            self.to_send.append(entry)
         now = self._now()
-        items = self._items_of(fin)
+        for item in exhausted:
+            self.reserved.pop(item.key, None)
+            self.known.keys[item.key] = KeyState(
+                "error", now, spent.job_id, item.record, set(item.pks), submitted_at=now
+            )
+        yield from self._report(entry, spent, fin)
+
+    def _report(self, entry: Entry, spent: SpentGen, fin: Finished | None = None) -> Iterator[Any]:
+        """The ledger row and outcome rows of a spent generation (again, if need be)."""
+        job_id = spent.job_id or f"lost_{entry.entry_id}_{spent.gen}"
+        finished_at = utc_from_timestamp(spent.at)
+        submitted_at = utc_from_timestamp(spent.submitted_at)
+        outcomes = []
+        for item in spent.items:
+            if item.key in spent.resend:
+                status, err = spent.reason, spent.error
+            else:
+                status = "error"
+                err = f"{spent.reason} after {item.attempt} attempt(s): {spent.error}"
+            outcomes.extend(
+                ledger.outcome_rows(
+                    item, job_id, status, err, finished_at, self.load_id, submitted_at
+                )
+            )
+        errors = sum(1 for i in spent.items if i.key not in spent.resend)
+        row = ledger.spent_job_row(
+            job_id, self.s.enrichment_type.value, spent, errors, self.load_id, fin
+        )
+        if outcomes:
+            yield self._table(self.s.names.outcomes, outcomes)
+            self.wrote_outcomes = True
+        yield self._table(self.s.names.jobs, [row])
+
+    def _collect(self, fin: Finished) -> Iterator[Any]:
+        entry = fin.entry
+        assert fin.results is not None
+        now = self._now()
+        submitted_at = utc_from_timestamp(entry.submitted_at)
         outcomes: list[dict[str, Any]] = []
         enriched: list[dict[str, Any]] = []
         counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
-        if fin.kind == COMPLETED and fin.results is not None:
-            results = fin.results.results
-            if not self._results_match(job.job_id, items, results):
-                return  # not handled: the journal keeps it in flight
-            for item, result in zip(items, _by_index(results), strict=True):
+        matched, problem = self._match(entry.items, fin.results.results)
+        if problem:
+            self.stats.mismatched += 1
+            logger.warning(
+                "job %s: %s; %d record(s) without a usable result end as error (not resent)",
+                entry.job_id,
+                problem,
+                sum(1 for r in matched if r is None),
+            )
+        job_id = str(entry.job_id)
+        for item, result in zip(entry.items, matched, strict=True):
+            err: str | None
+            if result is None:
+                status, err = "error", f"result mismatched: {problem}"
+            else:
                 status = result.status.value
-                counts[status] += 1
                 err = result.error.message if result.error else None
-                outcomes.extend(
-                    ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
-                )
                 if status == "matched":
                     enriched.append(
-                        enrichment_row(item.key, job.job_id, now, result, version_hash=self.s.scd2)
+                        enrichment_row(item.key, job_id, now, result, version_hash=self.s.scd2)
                     )
-                self.known.keys[item.key] = KeyState(
-                    status, now, job.job_id, item.record, set(item.pks)
-                )
-            self.stats.records_collected += len(results)
-        else:
-            if fin.kind == EXPIRED:
-                self.stats.expired += len(items)
-                logger.warning(
-                    "results of job %s expired before they were collected; resubmitting %d "
-                    "records (this costs credits)",
-                    job.job_id,
-                    len(items),
-                )
-            for item in items:
-                if fin.kind != REJECTED and item.attempt < self.s.max_attempts:
-                    status, err = fin.kind, fin.error
-                    self.pending.add(BatchItem(item.key, item.record, item.pks, item.attempt + 1))
-                    self.stats.resubmitted += 1
-                else:
-                    status = "error"
-                    err = f"{fin.kind} after {item.attempt} attempt(s): {fin.error}"
-                    counts["error"] += 1
-                    self.known.keys[item.key] = KeyState(
-                        status, now, job.job_id, item.record, set(item.pks)
-                    )
-                outcomes.extend(
-                    ledger.outcome_rows(item, job.job_id, status, err, now, self.load_id)
-                )
-        self.stats.jobs_done += 1
-        self.handled.append(job.job_id)
+            counts[status] += 1
+            outcomes.extend(
+                ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
+            )
+            self.known.keys[item.key] = KeyState(
+                status, now, job_id, item.record, set(item.pks), submitted_at=submitted_at
+            )
+            self.reserved.pop(item.key, None)
+        self.stats.records_collected += len(entry.items)
+        self.collected.append(entry)
+        self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
             yield self._table(self.s.names.enrichment, enriched)
         if outcomes:
             yield self._table(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
-        yield self._table(self.s.names.jobs, [ledger.finished_job_row(fin, counts, self.load_id)])
+        status = "mismatched" if problem else COMPLETED
+        yield self._table(
+            self.s.names.jobs,
+            [
+                ledger.finished_job_row(
+                    fin, self.s.enrichment_type.value, status, counts, self.load_id
+                )
+            ],
+        )
+
+    def _match(
+        self, items: list[BatchItem], results: list[RecordResult]
+    ) -> tuple[list[RecordResult | None], str | None]:
+        """Each item's result, or None where ApiOne's answer does not line up with it."""
+        by_index: dict[int, RecordResult] = {}
+        problems = []
+        for r in results:
+            if r.index in by_index or not 0 <= r.index < len(items):
+                problems.append(f"result index {r.index} is duplicated or out of range")
+            else:
+                by_index[r.index] = r
+        out: list[RecordResult | None] = []
+        for i, item in enumerate(items):
+            result = by_index.get(i)
+            if result is None:
+                problems.append(f"no result for record {i}")
+            elif result.input != item.record:
+                echoed = normalize_record(self.s.enrichment_type, result.input)
+                if not isinstance(echoed, Normalized) or echoed.key != item.key:
+                    problems.append(f"result {i} echoes another input than was sent")
+                    result = None
+            out.append(result)
+        if len(problems) > 3:
+            problems = [*problems[:3], f"and {len(problems) - 3} more"]
+        return out, "; ".join(problems) or None
 
     # --- end of run -------------------------------------------------------------------
 
-    def _finish(self, journal: Journal, lost: list[LostSubmit]) -> Iterator[Any]:
-        sched = self.sched
-        etype = self.s.enrichment_type.value
-        for answer in sched.lost:
-            row = ledger.lost_job_row(answer.intent_id, answer.items, etype, self.load_id)
-            yield self._table(self.s.names.jobs, [row])
-        still_running = journal.jobs(IN_FLIGHT)
+    def _finish(self) -> Iterator[Any]:
+        journal = self.journal
+        still_running = journal.in_phase(IN_FLIGHT)
+        still_running = [e for e in still_running if e not in self.collected]
         if still_running:
             yield self._table(
                 self.s.names.jobs,
-                [ledger.in_flight_job_row(j, self.load_id) for j in still_running],
+                [
+                    ledger.in_flight_job_row(e, self.s.enrichment_type.value, self.load_id)
+                    for e in still_running
+                ],
             )
-        # Everything below commits with this extract (dlt state) or must match it
-        # (journal): no yield after this point.
-        journal.mark_fetched(self.handled, self.load_id)
-        unsent = set(self.pending.items)
-        lost_submits = [(s.intent_id, s.items) for s in lost]
-        lost_submits += [(a.intent_id, a.items) for a in sched.lost]
-        journal.forget(
-            intent_ids=[
-                intent_id
-                for intent_id, items in lost_submits
-                if not any(i.key in unsent for i in items)  # else report it again next run
+        # Everything below commits with this extract (dlt state) or points at this load
+        # package (journal): no yield after this point.
+        journal.collected(self.collected, self.load_id)
+        journal.joined(
+            [
+                (entry, list(items.values()))
+                for entry, items in self.joins.values()
+                if entry.phase in (IN_FLIGHT, TO_SEND) and entry not in self.collected
             ]
         )
-        for job in sched.polled_jobs():
-            if job.job_id not in self.handled:
-                journal.update_items(job)  # rows that joined it late must get their outcome
-        # dlt state mirrors the in-flight jobs (metadata only): it survives a lost journal
-        # because it travels with the load package to the destination.
-        self.state["jobs"] = {
-            j.job_id: {
-                "type": j.type,
-                "attempt": j.attempt,
-                "records": j.record_count,
-                "submitted_at": j.submitted_at,
-                "load_id": j.run_id,
-            }
-            for j in journal.jobs(IN_FLIGHT)
-        }
         unsent_cursor = self.pending.min_cursor()
         if unsent_cursor is not None and self.state.get("cursor") is not None:
             self.state["cursor"] = min(self.state["cursor"], unsent_cursor)
         if self.wrote_outcomes:
             self.state["has_history"] = True
-        if sched.stop_error is not None:
+        stop = self.sched.stop_error or self.sched.refused
+        if stop is not None:
             # The extract finishes so everything collected is loaded; run_enrichment
             # raises this after the load.
-            logger.error("run stopped: %s", sched.stop_error)
-            self.state["stop_error"] = {
-                "type": type(sched.stop_error).__name__,
-                "message": sched.stop_error.message,
-            }
+            logger.error("run stopped: %s", stop)
+            self.state["stop_error"] = {"type": type(stop).__name__, "message": stop.message}
         self._sync_stats()
-        logger.info("run finished: %s", self.stats.line(len(self.state["jobs"])))
-        if self.stats.lost_answers or self.stats.expired:
-            # The two ways a record can be paid twice: say so where operators look.
+        running = len(still_running)
+        logger.info("run finished: %s", self.stats.line(running))
+        if self.stats.spent:
+            # Every way a record can be paid twice: say so where operators look.
             logger.warning(
-                "this run resubmitted %d batch(es) whose submit answer was lost and %d "
-                "record(s) whose results expired; see %s (status lost) and %s (status "
-                "expired)",
-                self.stats.lost_answers,
-                self.stats.expired,
+                "this run spent %s job(s) whose records were sent again (see %s and %s)",
+                ", ".join(f"{n} {reason}" for reason, n in sorted(self.stats.spent.items())),
                 self.s.names.jobs,
                 self.s.names.outcomes,
             )
-
-
-def _by_index(results: list[RecordResult]) -> list[RecordResult]:
-    return sorted(results, key=lambda r: r.index)
+        if self.stats.spent.get(EXPIRED):
+            logger.warning("results expired before collection: run more often")

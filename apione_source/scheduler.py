@@ -6,7 +6,8 @@ shares the key), shrinks batches on 413, polls every job concurrently through th
 client (first look at about the server's estimate, then capped exponential backoff with
 jitter), and stops at the run's wait budget: jobs still running then are left to the next
 run, which finds them in the journal. Every submit goes through the journal first, see
-:mod:`apione_source.journal`.
+:mod:`apione_source.journal`; the scheduler writes only ``send``, ``job``, ``unsent`` and
+``deferred``: how a finished job is settled is the run's business.
 
 Clock, sleep and randomness are injected so the hard cases are testable without waiting.
 """
@@ -17,14 +18,12 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from apione_source.client import AsyncApiOneClient
 from apione_source.errors import (
     ApiOneError,
-    BadRequestError,
     JobNotFoundError,
     NotReadyError,
     ResultsExpiredError,
@@ -34,20 +33,27 @@ from apione_source.errors import (
     SubmitOutcomeUnknownError,
     WaitForCapacityError,
 )
-from apione_source.journal import IN_FLIGHT, BatchItem, Journal, JournalJob
+from apione_source.journal import (
+    EXPIRED,
+    FAILED,
+    LOST,
+    TIMED_OUT,
+    VANISHED,
+    BatchItem,
+    Entry,
+    Journal,
+)
 from apione_source.models import Job, JobResults, JobStatus
 
 logger = logging.getLogger(__name__)
 
-# Finished.kind values
+# Finished.kind values: completed, or one of the journal's spent reasons.
 COMPLETED = "completed"
-FAILED = "failed"
-EXPIRED = "expired"
-TIMED_OUT = "timed_out"
-VANISHED = "vanished"
-REJECTED = "rejected"  # ApiOne refused the batch (e.g. 400): recorded, not retried
+__all__ = ["COMPLETED", "EXPIRED", "FAILED", "LOST", "TIMED_OUT", "VANISHED"]
 
 _MAX_LOST_STREAK = 3
+# How long polling may be interrupted by a stop request (SIGTERM/SIGINT) at most.
+_STOP_CHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,11 @@ class SchedulerSettings:
         poll_min_seconds: Shortest pause between two looks at one job.
         poll_max_seconds: Longest pause between two looks at one job.
         webhook_url: Passed to ApiOne with every submit, if set.
+        vanish_grace_seconds: A job ApiOne does not know (404) is taken as vanished only
+            once it is this old and two looks in a row said so: a new job may not have
+            reached every replica yet.
+        defer_base_seconds: After an answer the contract does not know, the job is looked
+            at again no sooner than this (doubling per such answer, up to 6 hours).
     """
 
     records_per_job: int
@@ -71,34 +82,27 @@ class SchedulerSettings:
     poll_min_seconds: float = 0.05
     poll_max_seconds: float = 60.0
     webhook_url: str | None = None
+    vanish_grace_seconds: float = 300.0
+    defer_base_seconds: float = 60.0
 
 
 @dataclass
 class Finished:
-    """A job that reached an end this run.
+    """A job (or a submit) that reached an end this run.
 
     Attributes:
-        job: The journal's record of the job.
-        kind: completed, failed, expired, timed_out or vanished.
+        entry: The journal entry.
+        kind: ``completed``, or a spent reason (failed, expired, timed_out, vanished, lost).
         results: The results, when completed.
         status: The last status seen, when any.
         error: Why it did not complete, when it did not.
     """
 
-    job: JournalJob
+    entry: Entry
     kind: str
     results: JobResults | None = None
     status: Job | None = None
     error: str | None = None
-
-
-@dataclass
-class LostAnswer:
-    """A submit that may have created a job we will never hear of (counted, resubmitted)."""
-
-    intent_id: str
-    items: list[BatchItem]
-    error: str
 
 
 @dataclass
@@ -107,40 +111,44 @@ class _Counters:
     submitted_records: int = 0
     lost_answers: int = 0
     capacity_waits: int = 0
+    deferred: int = 0
 
 
 @dataclass
 class JobScheduler:
-    """Submits batches and polls jobs for one run; :meth:`close` when done."""
+    """Submits entries and polls their jobs for one run; :meth:`close` when done.
+
+    Attributes:
+        should_stop: Polled at every safe point; True (a SIGTERM, say) ends submitting and
+            polling at once, leaving every job to the journal.
+    """
 
     client: AsyncApiOneClient
     journal: Journal
     enrichment_type: str
     settings: SchedulerSettings
-    run_id: str
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
+    should_stop: Callable[[], bool] = lambda: False
 
     def __post_init__(self) -> None:
         self.deadline = self.clock() + self.settings.wait_budget_seconds
         self.records_per_job = self.settings.records_per_job
         self.finished: asyncio.Queue[Finished] = asyncio.Queue()
-        self.lost: list[LostAnswer] = []
         self._lost_streak = 0
         self.submits_paused = False
         # Set when ApiOne answers 401/402: nothing more is sent or polled this run.
         self.stop_error: StopRunError | None = None
+        # Set when ApiOne refuses a request as such (400, 404 on the route).
+        self.refused: ApiOneError | None = None
         self.counters = _Counters()
         # Jobs of ours queued or processing on the server. Carried-over jobs count too,
         # so a condition, not a semaphore: there may briefly be more than the limit.
         self._active = 0
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
-        self._jobs: dict[str, JournalJob] = {}
-        # key -> item of every job being polled, so a late duplicate row joins its job
-        self.in_flight_items: dict[str, BatchItem] = {}
 
     async def close(self) -> None:
         """Stop polling (jobs still running are carried over by the journal)."""
@@ -152,59 +160,71 @@ class JobScheduler:
 
     @property
     def remaining(self) -> float:
-        """Seconds left of the wait budget."""
+        """Seconds left of the wait budget (none once a stop was requested)."""
+        if self.should_stop():
+            return 0.0
         return self.deadline - self.clock()
 
     @property
     def in_flight(self) -> list[str]:
-        """Ids of jobs still being polled."""
-        return [j for j, t in self._pollers.items() if not t.done()]
+        """Entry ids of jobs still being polled."""
+        return [e for e, t in self._pollers.items() if not t.done()]
+
+    @property
+    def can_submit(self) -> bool:
+        """False once nothing more may be sent this run."""
+        return (
+            self.remaining > 0
+            and self.stop_error is None
+            and self.refused is None
+            and not self.submits_paused
+        )
 
     # --- submitting ----------------------------------------------------------------------
 
-    async def submit(self, items: list[BatchItem]) -> list[BatchItem]:
-        """Submit ``items`` as one or more jobs, waiting for free slots.
+    async def submit(self, entry: Entry, items: list[BatchItem]) -> str:
+        """Send ``items`` as generation ``entry.gen + 1`` of ``entry``, waiting for a slot.
 
         Returns:
-            The items not submitted because the wait budget ran out, submits were paused
-            after lost answers, or the run must stop (empty when everything was sent).
+            ``sent`` (polling started), ``lost`` (the answer was lost: a ``lost`` Finished
+            is queued), ``shrink`` (ApiOne allows fewer records per job: split the entry
+            to :attr:`records_per_job` and submit the pieces) or ``unsent`` (the budget
+            ran out, or the run must stop: the entry stays to send).
         """
-        unsent = list(items)
-        while unsent and not self.submits_paused:
-            batch = unsent[: self.records_per_job]  # re-read: a 413 may shrink it
+        while self.can_submit:
             if not await self._acquire_slot():
-                return unsent
+                return "unsent"
             try:
-                outcome, wait = await self._submit_one(batch)
+                outcome, wait = await self._submit_one(entry, items)
             except StopRunError as exc:
                 await self._release_slot()
                 self.stop_error = exc
-                return unsent
-            if outcome in ("sent", "rejected"):
-                del unsent[: len(batch)]
-                if outcome == "rejected":
+                return "unsent"
+            if outcome in ("sent", "lost"):
+                if outcome == "lost":
                     await self._release_slot()
-                continue
-            # shrink, lost (resubmitted: the one accepted double payment) or wait
+                return outcome
             await self._release_slot()
+            if outcome == "shrink":
+                return outcome
             if wait and not await self._wait(wait):
-                return unsent
-        return unsent
+                return "unsent"
+        return "unsent"
 
     async def _acquire_slot(self) -> bool:
-        remaining = self.remaining
-        if remaining <= 0 or self.stop_error is not None:
-            return False
         limit = self.settings.concurrent_jobs
-        try:
-            async with self._slot_freed:
-                await asyncio.wait_for(
-                    self._slot_freed.wait_for(lambda: self._active < limit), timeout=remaining
-                )
-                self._active += 1
-        except asyncio.TimeoutError:
-            return False
-        return True
+        while self.can_submit:
+            try:
+                async with self._slot_freed:
+                    await asyncio.wait_for(
+                        self._slot_freed.wait_for(lambda: self._active < limit),
+                        timeout=min(self.remaining, _STOP_CHECK_SECONDS),
+                    )
+                    self._active += 1
+                    return True
+            except asyncio.TimeoutError:
+                continue
+        return False
 
     async def _release_slot(self) -> None:
         async with self._slot_freed:
@@ -215,38 +235,34 @@ class JobScheduler:
         if seconds >= self.remaining:
             return False
         await self.sleep(seconds)
-        return True
+        return self.remaining > 0
 
-    async def _submit_one(self, batch: list[BatchItem]) -> tuple[str, float]:
+    async def _submit_one(self, entry: Entry, items: list[BatchItem]) -> tuple[str, float]:
         """Send one batch. Returns what happened and how long to wait before going on."""
-        attempt = max(i.attempt for i in batch)
-        intent = self.journal.begin_submit(self.enrichment_type, attempt, batch, self.wall_clock())
+        self.journal.send(entry, items)
         try:
             answer = await self.client.submit_job(
-                self.enrichment_type, [i.record for i in batch], self.settings.webhook_url
+                self.enrichment_type, [i.record for i in items], self.settings.webhook_url
             )
         except SubmitOutcomeUnknownError as exc:
-            return self._lost_answer(intent, batch, exc)
+            return self._lost_answer(entry, exc)
         except ApiOneError as exc:
             # ApiOne answered, or the request never left: no job exists.
-            self.journal.abandon(intent)
-            return self._refused(batch, exc)
-        # Anything else (cancellation, KeyboardInterrupt, a bug) may have struck while the
-        # request was in the air: the intent stays and the next run reports it as lost.
-        job = self.journal.submitted(intent, answer.job_id, self.run_id, self.wall_clock())
+            self.journal.unsent(entry, str(exc))
+            return self._refused(items, exc)
+        # Anything else (cancellation, a bug) may have struck while the request was in the
+        # air: the entry stays `sending` and the next run counts it as a lost answer.
+        self.journal.job_created(entry, answer.job_id)
         self._lost_streak = 0
         self.counters.submitted_jobs += 1
-        self.counters.submitted_records += len(batch)
-        self._start_polling(job, first_look=float(answer.estimated_completion_seconds))
+        self.counters.submitted_records += len(items)
+        self._start_polling(entry, first_look=float(answer.estimated_completion_seconds))
         return "sent", 0.0
 
-    def _lost_answer(
-        self, intent: str, batch: list[BatchItem], exc: SubmitOutcomeUnknownError
-    ) -> tuple[str, float]:
-        # The job may exist and be billed; the intent stays in the journal until the
-        # ledger row that reports it is written.
+    def _lost_answer(self, entry: Entry, exc: SubmitOutcomeUnknownError) -> tuple[str, float]:
+        # The job may exist and be billed; the run spends the entry (counted, resent).
         self.counters.lost_answers += 1
-        self.lost.append(LostAnswer(intent, batch, str(exc)))
+        self.finished.put_nowait(Finished(entry, LOST, error=str(exc)))
         self._lost_streak += 1
         if self._lost_streak >= _MAX_LOST_STREAK:
             # Every resend may be billed: stop submitting until the next run.
@@ -254,120 +270,125 @@ class JobScheduler:
                 "%d submit answers lost in a row; no more submits this run", self._lost_streak
             )
             self.submits_paused = True
-            return "lost", 0.0
-        logger.warning("submit outcome unknown, resubmitting %d records: %s", len(batch), exc)
-        return "lost", self._backoff(self._lost_streak + 3)
+        else:
+            logger.warning("submit outcome unknown (%s); its records will be resent", exc)
+        return "lost", 0.0
 
-    def _refused(self, batch: list[BatchItem], exc: ApiOneError) -> tuple[str, float]:
+    def _refused(self, items: list[BatchItem], exc: ApiOneError) -> tuple[str, float]:
         if isinstance(exc, StopRunError):
             raise exc
         if isinstance(exc, ShrinkBatchError):
-            limit = min(exc.limit or len(batch) // 2, len(batch) - 1)
-            if limit < 1:
-                return self._reject(batch, exc)
-            logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
-            self.records_per_job = min(self.records_per_job, limit)
-            return "shrink", 0.0
+            limit = min(exc.limit or len(items) // 2, len(items) - 1)
+            if limit >= 1:
+                logger.warning("ApiOne allows %d records per job; shrinking batches", limit)
+                self.records_per_job = min(self.records_per_job, limit)
+                return "shrink", 0.0
         if isinstance(exc, WaitForCapacityError):
             self.counters.capacity_waits += 1
             return "wait", exc.retry_after or 1.0
         if isinstance(exc, RetryableError):  # the client's own retries ran out
             return "wait", exc.retry_after or self.settings.poll_max_seconds / 4
-        return self._reject(batch, exc)
-
-    def _reject(self, batch: list[BatchItem], exc: ApiOneError) -> tuple[str, float]:
-        # A 400 (or another refusal) will not go away by retrying: record it per record
-        # instead of failing every run on the same batch.
-        logger.error("ApiOne refused a batch of %d records: %s", len(batch), exc)
-        job = JournalJob(
-            job_id=f"rejected_{uuid.uuid4().hex}",
-            type=self.enrichment_type,
-            state=IN_FLIGHT,
-            attempt=max(i.attempt for i in batch),
-            record_count=len(batch),
-            submitted_at=self.wall_clock(),
-            run_id=self.run_id,
-            items=batch,
-        )
-        self.finished.put_nowait(Finished(job, REJECTED, error=str(exc)))
-        return "rejected", 0.0
+        # A 400 (or 404 on the route) is about the request, not the records: retrying
+        # the next batch would be refused the same way.
+        logger.error("ApiOne refused a batch of %d records: %s", len(items), exc)
+        self.refused = exc
+        return "refused", 0.0
 
     # --- polling ---------------------------------------------------------------------------
 
-    async def track(self, jobs: list[JournalJob]) -> None:
+    async def track(self, entries: list[Entry]) -> None:
         """Poll jobs submitted by earlier runs; each occupies a slot until it ends."""
-        for job in jobs:
+        for entry in entries:
             self._active += 1
-            self._start_polling(job, first_look=0.0)
+            self._start_polling(entry, first_look=0.0)
 
-    def polled_jobs(self) -> list[JournalJob]:
-        """Every job polled this run, finished or not."""
-        return list(self._jobs.values())
-
-    def _start_polling(self, job: JournalJob, first_look: float) -> None:
-        self._jobs[job.job_id] = job
-        for item in job.items or ():
-            self.in_flight_items[item.key] = item
-        self._pollers[job.job_id] = asyncio.create_task(self._poll(job, first_look))
+    def _start_polling(self, entry: Entry, first_look: float) -> None:
+        self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, first_look))
 
     def _backoff(self, looks: int) -> float:
         base = self.settings.poll_min_seconds * 2.0**looks
         capped = min(self.settings.poll_max_seconds, max(self.settings.poll_min_seconds, base))
         return float(capped * self.rng.uniform(0.8, 1.2))
 
-    async def _poll(self, job: JournalJob, first_look: float) -> None:
-        delay, looks = first_look, 0
-        while True:
-            remaining = self.remaining
-            if remaining <= 0 or self.stop_error is not None:
-                # Carried over. Its slot stays taken: the job still runs on the server.
-                return
-            if delay > 0:
-                await self.sleep(min(delay, remaining))
-            looks += 1
-            delay = self._backoff(looks)
-            try:
-                end = await self._look(job)
-            except RetryableError as exc:
-                logger.info("job %s: status unavailable (%s); looking again later", job.job_id, exc)
-                continue
-            except StopRunError as exc:
-                self.stop_error = exc
-                return
-            except ApiOneError as exc:
-                # A malformed answer or an unexpected refusal: keep the job for the next
-                # run, and say so loudly; a human should look at it.
-                logger.error("job %s: %s; it stays in the ledger for the next run", job.job_id, exc)
-                return
-            if end is not None:
-                await self._release_slot()
-                for item in job.items or ():
-                    self.in_flight_items.pop(item.key, None)
-                await self.finished.put(end)
-                return
+    async def _nap(self, seconds: float) -> None:
+        """Sleep, waking early when a stop is requested."""
+        end = self.clock() + seconds
+        while (left := min(end - self.clock(), self.remaining)) > 0:
+            await self.sleep(min(left, _STOP_CHECK_SECONDS))
 
-    async def _look(self, job: JournalJob) -> Finished | None:
+    async def _poll(self, entry: Entry, first_look: float) -> None:
+        delay, looks, not_found = first_look, 0, 0
         try:
-            status = await self.client.get_job(job.job_id)
-        except (JobNotFoundError, BadRequestError) as exc:
-            # ApiOne does not know the job (or its id is not one): resubmit its records.
-            return Finished(job, VANISHED, error=str(exc))
+            while True:
+                if self.remaining <= 0 or self.stop_error is not None:
+                    return  # carried over: the job still runs on the server
+                if delay > 0:
+                    await self._nap(delay)
+                    if self.remaining <= 0:
+                        return
+                looks += 1
+                delay = self._backoff(looks)
+                try:
+                    end = await self._look(entry, not_found)
+                except JobNotFoundError:
+                    not_found += 1
+                    continue
+                except RetryableError as exc:
+                    logger.info(
+                        "job %s: status unavailable (%s); looking again later", entry.job_id, exc
+                    )
+                    continue
+                except StopRunError as exc:
+                    self.stop_error = exc
+                    return
+                except ApiOneError as exc:
+                    # An answer the contract does not know (a new status, a missing field):
+                    # keep the job and its keys, free the slot, look again in a later run.
+                    self.journal.deferred(entry, str(exc))
+                    self.counters.deferred += 1
+                    logger.warning(
+                        "job %s: %s; kept, looked at again in a later run", entry.job_id, exc
+                    )
+                    return
+                not_found = 0
+                if end is not None:
+                    await self.finished.put(end)
+                    return
+        finally:
+            await self._release_slot()
+
+    async def _look(self, entry: Entry, not_found: int) -> Finished | None:
+        job_id = str(entry.job_id)
+        try:
+            status = await self.client.get_job(job_id)
+        except JobNotFoundError as exc:
+            age = self.wall_clock() - entry.submitted_at
+            if not_found >= 1 and age >= self.settings.vanish_grace_seconds:
+                return Finished(entry, VANISHED, error=str(exc))
+            raise
         if status.status is JobStatus.FAILED:
             reason = status.error.message if status.error else "failed"
-            return Finished(job, FAILED, status=status, error=reason)
+            return Finished(entry, FAILED, status=status, error=reason)
         if status.status is JobStatus.COMPLETED:
             try:
-                results = await self.client.get_results(job.job_id)
+                results = await self.client.get_results(job_id)
             except NotReadyError:
                 return None
             except JobNotFoundError as exc:
-                return Finished(job, VANISHED, status=status, error=str(exc))
+                return Finished(entry, VANISHED, status=status, error=str(exc))
             except ResultsExpiredError as exc:
-                return Finished(job, EXPIRED, status=status, error=str(exc))
-            return Finished(job, COMPLETED, results=results, status=status)
-        if self.wall_clock() - job.submitted_at > self.settings.job_timeout_seconds:
-            return Finished(job, TIMED_OUT, status=status, error="job did not finish in time")
+                return Finished(entry, EXPIRED, status=status, error=str(exc))
+            return Finished(entry, COMPLETED, results=results, status=status)
+        if self.wall_clock() - entry.submitted_at > self.settings.job_timeout_seconds:
+            return Finished(entry, TIMED_OUT, status=status, error="job did not finish in time")
         return None
+
+    def is_due(self, entry: Entry) -> bool:
+        """False while a job is resting after answers the contract does not know."""
+        if not entry.deferrals:
+            return True
+        rest = min(6 * 3600.0, self.settings.defer_base_seconds * 2.0 ** (entry.deferrals - 1))
+        return self.wall_clock() >= entry.last_deferred_at + rest
 
     async def next_finished(self) -> Finished | None:
         """Wait for the next finished job; None once nothing more can finish this run."""

@@ -50,6 +50,8 @@ class TableNames:
         self.jobs = f"{prefix}jobs"
         self.outcomes = f"{self.enrichment}_outcomes"
         self.rejected = f"{self.enrichment}_rejected"
+        # Not a dlt table: the job journal, written through the SQL client (journal.py).
+        self.journal = f"_{prefix}journal"
 
 
 def utc_from_timestamp(ts: float) -> datetime:
@@ -115,7 +117,7 @@ JOB_COLUMNS = _columns(
 )
 OUTCOME_COLUMNS = _columns(
     "outcome_id:text! input_pk:text key:text! job_id:text attempt:bigint status:text! "
-    "error:text input:json finished_at:timestamp! load_id:text"
+    "error:text input:json finished_at:timestamp! submitted_at:timestamp load_id:text"
 )
 REJECTED_COLUMNS = _columns(
     "input_pk:text! reason:text! detail:text rejected_at:timestamp! load_id:text"

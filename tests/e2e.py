@@ -13,6 +13,7 @@ import dlt
 import duckdb
 
 from apione_source import apione, run_enrichment
+from apione_source.journal import COLUMNS, IN_FLIGHT, Entry, Journal, MemoryStore
 from apione_source.models import EnrichmentType
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import canonical_json, is_not_found
@@ -122,6 +123,36 @@ class Env:
         info = run_enrichment(self.pipeline, apione(**kwargs))
         info.raise_on_failed_jobs()
         return info
+
+
+def open_journal(destination: Path, names: TableNames = COMPANY) -> list[Entry]:
+    """Entries of the job journal in the destination that are not finished, as a run sees them."""
+    con = duckdb.connect(str(destination), read_only=True)
+    try:
+        rows = con.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM enriched.{names.journal} WHERE scope = ?",
+            [names.outcomes],
+        ).fetchall()
+        loads = con.execute("SELECT load_id FROM enriched._dlt_loads WHERE status = 0")
+        done = {r[0] for r in loads.fetchall()}
+    except duckdb.CatalogException:
+        return []
+    finally:
+        con.close()
+    store = MemoryStore()
+    store.append([dict(zip(COLUMNS, r, strict=True)) for r in rows])
+    journal = Journal(store, names.outcomes, "test", "test", time.time)
+    journal.open(lambda loads: loads & done)
+    return [e for e in journal.entries.values() if not e.done or e.unreported]
+
+
+def journal_jobs_in_flight(destination: Path, names: TableNames = COMPANY) -> set[str]:
+    """Job ids the journal still has to collect."""
+    return {
+        str(e.job_id)
+        for e in open_journal(destination, names)
+        if e.phase == IN_FLIGHT and not e.done
+    }
 
 
 def billed(sb: Sandbox) -> tuple[int, int]:

@@ -15,7 +15,6 @@ import pytest
 
 import apione_source.source as source_module
 from apione_source.client import AsyncApiOneClient
-from apione_source.journal import Journal
 from apione_source.retry import RetryPolicy
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import unit_hash
@@ -26,6 +25,7 @@ from tests.e2e import (
     assert_no_duplicate_keys,
     assert_one_final_outcome_per_row,
     company_key,
+    open_journal,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
@@ -117,20 +117,12 @@ def test_given_faulty_api_when_run_until_idle_then_every_row_has_one_final_outco
     valid_pks = {str(pk) for pk, _ in valid + dups}
 
     started = time.monotonic()
-    journal = Journal.path_for(
-        env.pipeline.pipelines_dir, env.pipeline.pipeline_name, "company_enrichment"
-    )
     for _run in range(5):
         env.run(records_per_job=RECORDS_PER_JOB, max_attempts=MAX_ATTEMPTS, wait_budget_seconds=60)
         in_flight = env.query(
             f"SELECT count(*) FROM enriched.{COMPANY.jobs} WHERE status = 'in_flight'"
         )[0][0]
-        jr = Journal(journal)
-        try:
-            journaled = jr.jobs("in_flight")
-        finally:
-            jr.close()
-        if in_flight == 0 and not journaled:
+        if in_flight == 0 and not open_journal(env.out):
             break
     else:
         pytest.fail("jobs still in flight after 5 runs")

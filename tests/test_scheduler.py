@@ -1,23 +1,24 @@
-"""The job scheduler against a scripted client: limits, refusals and lost answers."""
+"""The job scheduler against a scripted client: limits, refusals, lost answers, drift."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apione_source.errors import (
     BadRequestError,
+    JobNotFoundError,
+    MalformedResponseError,
     ShrinkBatchError,
     SubmitOutcomeUnknownError,
     WaitForCapacityError,
 )
-from apione_source.journal import IN_FLIGHT, BatchItem, Journal
-from apione_source.models import Job, SubmitResponse
-from apione_source.scheduler import REJECTED, JobScheduler, SchedulerSettings
+from apione_source.journal import IN_FLIGHT, LOST, SENDING, TO_SEND, BatchItem, Journal, MemoryStore
+from apione_source.models import Job, JobResults, SubmitResponse
+from apione_source.scheduler import COMPLETED, VANISHED, JobScheduler, SchedulerSettings
 
 
 class ScriptedClient:
@@ -27,6 +28,8 @@ class ScriptedClient:
         self.script = script
         self.sizes: list[int] = []
         self.estimate = 9999
+        self.status_script: list[Exception | str] = []
+        self.status_calls = 0
 
     async def submit_job(self, type_: str, records: list[dict[str, Any]], webhook: Any) -> Any:
         self.sizes.append(len(records))
@@ -40,7 +43,16 @@ class ScriptedClient:
         )
 
     async def get_job(self, job_id: str) -> Job:
-        return Job(job_id=job_id, status="processing", type="company", total_records=1)
+        self.status_calls += 1
+        answer = self.status_script.pop(0) if self.status_script else "processing"
+        if isinstance(answer, Exception):
+            raise answer
+        return Job(job_id=job_id, status=answer, type="company", total_records=1)
+
+    async def get_results(self, job_id: str) -> Any:
+        return JobResults(
+            job_id=job_id, status="completed", type="company", total_records=0, results=[]
+        )
 
 
 class FakeTime:
@@ -60,9 +72,7 @@ def _items(n: int) -> list[BatchItem]:
     return [BatchItem(f"k{i}.com", {"domain": f"k{i}.com"}, [str(i)]) for i in range(n)]
 
 
-def _scheduler(
-    tmp_path: Path, client: ScriptedClient, t: FakeTime, **settings: Any
-) -> JobScheduler:
+def _scheduler(client: ScriptedClient, t: FakeTime, **settings: Any) -> JobScheduler:
     defaults: dict[str, Any] = {
         "records_per_job": 10,
         "concurrent_jobs": 5,
@@ -70,10 +80,9 @@ def _scheduler(
     }
     return JobScheduler(
         client,  # type: ignore[arg-type]
-        Journal(tmp_path / "journal.sqlite"),
+        Journal(MemoryStore(), "outcomes", "p", "load_1", t.clock),
         "company",
         SchedulerSettings(**{**defaults, **settings}),
-        run_id="load_1",
         clock=t.clock,
         wall_clock=t.clock,
         sleep=t.sleep,
@@ -84,95 +93,141 @@ def _run(coro: Any) -> Any:
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
-def test_given_answers_lost_in_a_row_when_submitting_then_submits_pause_for_the_run(
-    tmp_path: Path,
-) -> None:
+def _submit(sched: JobScheduler, n: int) -> tuple[str, Any]:
+    entry = sched.journal.new_entry()
+    return _run(sched.submit(entry, _items(n))), entry
+
+
+def test_given_answers_lost_in_a_row_when_submitting_then_submits_pause_for_the_run() -> None:
     lost = SubmitOutcomeUnknownError("read timeout", enrichment_type="company", records=[])
-    client, t = ScriptedClient([lost, lost, lost, lost]), FakeTime()
-    sched = _scheduler(tmp_path, client, t)
+    client, t = ScriptedClient([lost] * 4), FakeTime()
+    sched = _scheduler(client, t)
 
-    unsent = _run(sched.submit(_items(25)))
+    outcomes = [_submit(sched, 5)[0] for _ in range(4)]
 
-    # three resends at most: each one may be billed
+    # three sends at most: each one may be billed
+    assert outcomes == ["lost", "lost", "lost", "unsent"]
     assert len(client.sizes) == 3
     assert sched.submits_paused and sched.counters.lost_answers == 3
-    assert len(unsent) == 25 and [a.items[0].key for a in sched.lost] == ["k0.com"] * 3
-    # the intents stay in the journal until the run reports them
-    assert len(sched.journal.lost_submits()) == 3
+    assert [f.kind for f in sched.drain_ready()] == [LOST] * 3
+    # the journal holds each lost send (spent by the run, or by the next run after a crash)
+    assert len(sched.journal.in_phase(SENDING)) == 3
 
 
-def test_given_a_413_whose_limit_is_not_smaller_when_submitting_then_the_batch_still_shrinks(
-    tmp_path: Path,
-) -> None:
+def test_given_a_413_whose_limit_is_not_smaller_when_submitting_then_the_entry_shrinks() -> None:
     client, t = ScriptedClient([ShrinkBatchError("too many", limit=50)]), FakeTime()
-    sched = _scheduler(tmp_path, client, t)
+    sched = _scheduler(client, t)
 
-    assert _run(sched.submit(_items(10))) == []
-    assert client.sizes[0] == 10 and max(client.sizes[1:]) <= 9
-    assert sum(client.sizes[1:]) == 10
+    outcome, entry = _submit(sched, 10)
+
+    assert outcome == "shrink" and sched.records_per_job == 9
+    assert entry.phase == TO_SEND  # nothing was billed; the run dissolves it
 
 
-def test_given_a_400_when_submitting_then_the_batch_is_recorded_as_rejected_not_retried(
-    tmp_path: Path,
-) -> None:
+def test_given_a_400_when_submitting_then_the_run_stops_submitting_and_pays_nothing() -> None:
     client, t = ScriptedClient([BadRequestError("records[3] is not an object")]), FakeTime()
-    sched = _scheduler(tmp_path, client, t)
+    sched = _scheduler(client, t)
 
-    assert _run(sched.submit(_items(10))) == []
-    fin = sched.drain_ready()
-    assert [f.kind for f in fin] == [REJECTED]
-    assert "records[3]" in (fin[0].error or "")
+    outcome, entry = _submit(sched, 10)
+
+    assert outcome == "unsent" and entry.phase == TO_SEND
+    assert isinstance(sched.refused, BadRequestError) and not sched.can_submit
     assert client.sizes == [10]
-    assert sched.journal.jobs() == [] and sched.journal.lost_submits() == []
+    assert sched.drain_ready() == []  # no outcome: the records go out on the next run
 
 
-def test_given_capacity_waits_when_budget_ends_then_unsent_items_are_returned(
-    tmp_path: Path,
-) -> None:
+def test_given_capacity_waits_when_budget_ends_then_the_entry_stays_to_send() -> None:
     busy = WaitForCapacityError("busy", retry_after=30)
     client, t = ScriptedClient([busy] * 10), FakeTime()
-    sched = _scheduler(tmp_path, client, t, wait_budget_seconds=100.0)
+    sched = _scheduler(client, t, wait_budget_seconds=100.0)
 
-    unsent = _run(sched.submit(_items(15)))
+    outcome, entry = _submit(sched, 15)
 
-    assert len(unsent) == 15  # nothing lost, nothing sent
+    assert outcome == "unsent" and entry.phase == TO_SEND  # nothing lost, nothing sent
     assert t.slept == [30, 30, 30]  # honours Retry-After, stops before the budget ends
     assert sched.counters.capacity_waits == 4
 
 
-def test_given_the_plan_limit_when_submitting_then_never_more_jobs_in_flight(
-    tmp_path: Path,
-) -> None:
+def test_given_the_plan_limit_when_submitting_then_never_more_jobs_in_flight() -> None:
     client, t = ScriptedClient([]), FakeTime()
-    sched = _scheduler(tmp_path, client, t, concurrent_jobs=2, wait_budget_seconds=5.0)
+    sched = _scheduler(client, t, concurrent_jobs=2, wait_budget_seconds=5.0)
 
-    async def go() -> list[BatchItem]:
-        return await asyncio.wait_for(sched.submit(_items(50)), timeout=5)
+    async def go() -> list[str]:
+        entries = [sched.journal.new_entry() for _ in range(3)]
+        sends = asyncio.gather(*(sched.submit(e, _items(10)) for e in entries))
+        return list(await asyncio.wait_for(sends, timeout=10))
 
-    unsent = _run(go())
-    # two jobs run (their estimate is far away); the rest waits for a slot until the budget
+    # two jobs run (their estimate is far away); the third waits for a slot until the budget
+    assert _run(go()) == ["sent", "sent", "unsent"]
     assert client.sizes == [10, 10]
-    assert len(unsent) == 30
-    assert [j.state for j in sched.journal.jobs()] == [IN_FLIGHT, IN_FLIGHT]
+    assert len(sched.journal.in_phase(IN_FLIGHT)) == 2
 
 
-@pytest.mark.parametrize("kind", ["lost", "capacity"])
-def test_no_submit_is_forgotten_by_the_journal(tmp_path: Path, kind: str) -> None:
-    error: Exception = (
-        SubmitOutcomeUnknownError("5xx", enrichment_type="company", records=[])
-        if kind == "lost"
-        else WaitForCapacityError("busy", retry_after=1)
-    )
-    client, t = ScriptedClient([error]), FakeTime()
-    sched = _scheduler(tmp_path, client, t)
-    assert _run(sched.submit(_items(5))) == []
-    # one job in flight; a lost answer's intent stays until reported, a 429 leaves none
-    assert len(sched.journal.jobs(IN_FLIGHT)) == 1
-    assert len(sched.journal.lost_submits()) == (1 if kind == "lost" else 0)
+def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    sched = _scheduler(client, t)
+    stop = {"now": False}
+    sched.should_stop = lambda: stop["now"]
+
+    assert _submit(sched, 5)[0] == "sent"
+    stop["now"] = True
+    assert _submit(sched, 5)[0] == "unsent"
+    assert client.sizes == [5]
+
+
+def _polled(client: ScriptedClient, t: FakeTime, **settings: Any) -> Any:
+    sched = _scheduler(client, t, **settings)
+    client.estimate = 0
+    entry = sched.journal.new_entry()
+
+    async def go() -> Any:
+        assert await sched.submit(entry, _items(3)) == "sent"
+        fin = await sched.next_finished()
+        await sched.close()
+        return fin
+
+    return sched, entry, _run(go())
+
+
+def test_given_a_404_on_a_new_job_when_polling_then_it_is_looked_at_again_not_vanished() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    client.status_script = [JobNotFoundError("not yet"), JobNotFoundError("not yet"), "completed"]
+
+    _, _, fin = _polled(client, t)
+
+    assert fin is not None and fin.kind == COMPLETED
+    assert client.status_calls == 3
+
+
+def test_given_a_404_that_persists_past_the_grace_when_polling_then_the_job_vanished() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    client.status_script = [JobNotFoundError("gone")] * 1000
+
+    _, _, fin = _polled(client, t, vanish_grace_seconds=30.0, wait_budget_seconds=1000.0)
+
+    assert fin is not None and fin.kind == VANISHED
+    assert t.now >= 30.0
+
+
+def test_given_an_unknown_status_when_polling_then_the_slot_is_freed_and_the_job_kept() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    client.status_script = [MalformedResponseError("status 'paused' is not a status")]
+
+    sched, entry, fin = _polled(client, t, concurrent_jobs=1)
+
+    assert fin is None  # nothing finished: the job is kept for a later run
+    assert entry.phase == IN_FLIGHT and entry.deferrals == 1
+    assert sched.counters.deferred == 1
+    # its slot is free again: the next submit does not wait (on the free plan, 1 slot)
+    assert sched._active == 0
+    # and it rests before the next look
+    assert not sched.is_due(entry)
+    t.now += sched.settings.defer_base_seconds
+    assert sched.is_due(entry)
 
 
 def test_given_one_job_done_when_waiting_for_the_next_then_the_loop_does_not_spin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     started = time.monotonic()
 
@@ -187,10 +242,9 @@ def test_given_one_job_done_when_waiting_for_the_next_then_the_loop_does_not_spi
     client.estimate = 0
     sched = JobScheduler(
         client,  # type: ignore[arg-type]
-        Journal(tmp_path / "journal.sqlite"),
+        Journal(MemoryStore(), "outcomes", "p", "load_1", time.time),
         "company",
         SchedulerSettings(records_per_job=10, concurrent_jobs=5, wait_budget_seconds=10.0),
-        run_id="load_1",
     )
     waits = 0
     real_check = sched._raise_poller_crash
@@ -203,11 +257,12 @@ def test_given_one_job_done_when_waiting_for_the_next_then_the_loop_does_not_spi
     monkeypatch.setattr(sched, "_raise_poller_crash", counted)
 
     async def go() -> list[str]:
-        await sched.submit(_items(20))
+        for _ in range(2):
+            await sched.submit(sched.journal.new_entry(), _items(10))
         first = await sched.next_finished()
         second = await sched.next_finished()
         await sched.close()
-        return [f.job.job_id for f in (first, second) if f]
+        return [str(f.entry.job_id) for f in (first, second) if f]
 
     assert _run(go()) == ["job_1", "job_2"]
     # each wake-up is a poll of job_2 (every ~50-100 ms), not a busy loop
