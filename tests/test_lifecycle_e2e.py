@@ -1,0 +1,144 @@
+"""The job lifecycle end to end: nothing is paid twice by signals, drift or a second pipeline.
+
+Each test runs real dlt pipelines against the sandbox over loopback HTTP and checks the
+sandbox's own per-key billing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import dlt
+import pytest
+
+from apione_source.history import KnownKeys, _fold
+from apione_source.journal import IN_FLIGHT, SENDING
+from tests.e2e import COMPANY, Env, assert_one_final_outcome_per_row, open_journal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _latest_statuses(env: Env) -> dict[str, str]:
+    """Each input row's latest outcome, by job order then attempt (as the README says)."""
+    rows = env.query(
+        f"SELECT input_pk, status FROM enriched.{COMPANY.outcomes} "
+        "QUALIFY row_number() OVER (PARTITION BY input_pk ORDER BY "
+        "coalesce(submitted_at, finished_at) DESC, attempt DESC) = 1"
+    )
+    return dict(rows)
+
+
+def test_given_an_older_jobs_report_written_after_a_newer_match_then_the_match_stays_latest() -> (
+    None
+):
+    # A key matched by job 2 (attempt 2); job 1's "expired" report is written afterwards
+    # (a re-report after a crash). Write order must not decide the key's state.
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    known = KnownKeys()
+    rows = [
+        ("a.com", "matched", t0 + timedelta(minutes=5), "job_2", "1", {"domain": "a.com"}, t0),
+        ("a.com", "expired", t0 + timedelta(minutes=9), "job_1", "1", {"domain": "a.com"},
+         t0 - timedelta(minutes=1)),
+    ]  # fmt: skip
+    # history.load_known_keys orders by job (submitted_at), then attempt
+    for key, status, finished, job, pk, record, sent in sorted(rows, key=lambda r: r[6]):
+        _fold(known, key, status, finished, job, pk, record, sent)
+    assert known.keys["a.com"].status == "matched"
+    assert known.is_fresh("a.com", t0 + timedelta(days=1), timedelta(days=90), timedelta(days=1))
+
+
+def test_given_two_pipelines_over_the_same_tables_when_one_carries_jobs_then_the_other_never_pays_them(  # noqa: E501
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(job_seconds_base=2.0)
+    env.insert_companies([(i, f"twin{i}.com") for i in range(30)])
+
+    # pipeline A submits everything; its jobs outlive its wait budget
+    env.run(records_per_job=10, wait_budget_seconds=0.3)
+    assert env.sandbox.usage()["records_billed"] == 30
+    assert {e.phase for e in open_journal(env.out)} == {IN_FLIGHT}
+
+    # pipeline B: another name, same destination dataset and input table
+    other = dlt.pipeline(
+        pipeline_name="apione_twin",
+        destination=dlt.destinations.duckdb(str(env.out)),
+        dataset_name="enriched",
+        pipelines_dir=str(env.tmp / "pipelines_twin"),
+    )
+    env.pipeline = other
+    env.run(records_per_job=10, wait_budget_seconds=20)
+
+    usage = env.sandbox.usage()
+    assert usage["records_billed"] == 30, "pipeline B paid for A's jobs again"
+    assert set(usage["billed_per_key"].values()) == {1}
+    assert open_journal(env.out) == []
+    assert set(_latest_statuses(env)) == {str(i) for i in range(30)}
+
+
+def _enrich_process(env: Env, **settings: Any) -> subprocess.Popen[str]:
+    """The production script in its own process, configured by env vars as a user would."""
+    config = {
+        "SOURCES__APIONE__API_KEY": env.sandbox.config.api_key,
+        "SOURCES__APIONE__BASE_URL": env.sandbox.base_url,
+        "SOURCES__APIONE__ENRICHMENT_TYPE": "company",
+        "SOURCES__APIONE__INPUT_TABLE": "companies",
+        "SOURCES__APIONE__PRIMARY_KEY": "id",
+        "SOURCES__APIONE__INPUT_DATASET": "crm",
+        "SOURCES__APIONE__INPUT_CREDENTIALS": str(env.warehouse),
+        "DESTINATION__DUCKDB__CREDENTIALS": str(env.out),
+        "PIPELINE_NAME": "apione_e2e",
+        "DLT_DATA_DIR": str(env.tmp / "proc_data"),
+        "RUNTIME__DLTHUB_TELEMETRY": "false",
+        "RUNTIME__LOG_LEVEL": "INFO",
+    }
+    config.update({f"SOURCES__APIONE__{k.upper()}": str(v) for k, v in settings.items()})
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "enrich.py")],
+        cwd=env.tmp,
+        env={**os.environ, **config},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_given_a_signal_while_a_submit_is_in_the_air_then_it_is_journaled_and_never_paid_twice(
+    make_env: Callable[..., Env], sig: signal.Signals
+) -> None:
+    # every answer takes 1 s: a signal right after the first job exists lands while the
+    # second submit is in the air
+    env = make_env(latency_seconds=1.0)
+    env.insert_companies([(i, f"sig{i}.com") for i in range(40)])
+
+    proc = _enrich_process(env, records_per_job=10, wait_budget_seconds=60)
+    deadline = time.monotonic() + 60
+    while env.sandbox.usage()["jobs_created"] < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+
+    assert proc.returncode != 0, f"a stopped run must not end green:\n{out}"
+    assert "Signal" in out or "signal" in out, out
+    # the submit in the air was answered and journaled: no lost answer to pay again
+    assert all(e.phase != SENDING for e in open_journal(env.out)), out
+    billed_after_stop = env.sandbox.usage()["records_billed"]
+    assert billed_after_stop in (10, 20), out
+
+    rerun = _enrich_process(env, records_per_job=10, wait_budget_seconds=60)
+    out2, _ = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, out2
+    usage = env.sandbox.usage()
+    assert usage["records_billed"] == 40 and set(usage["billed_per_key"].values()) == {1}
+    rows = env.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
+    assert_one_final_outcome_per_row(rows, {str(i) for i in range(40)})
