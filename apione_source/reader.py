@@ -8,13 +8,24 @@ plain DB-API cursor with ``fetchmany`` streams results on DuckDB, Snowflake and 
 (psycopg2 buffers a result client-side, which is why we select only the key columns).
 ``sql_table`` through sqlalchemy-bigquery also returns no rows on the BigQuery emulator
 we test against, while DB-API reads work there.
+
+Identifiers may hold quotes, spaces or any Unicode (each destination escapes them), but
+not ``%``: dlt's SQL clients pass query arguments DB-API ``format`` style, so DuckDB's
+client rewrites a ``%s`` even inside a quoted name and psycopg2 rejects a lone ``%``.
+:func:`check_identifier` refuses those names up front.
+
+A cursor value goes into dlt's resource state between runs; :func:`encode_cursor` and
+:func:`decode_cursor` make every type a cursor column can have come back as it went in.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import dlt
@@ -25,6 +36,108 @@ from dlt.destinations.sql_client import SqlClientBase
 from apione_source.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_identifier(setting: str, value: object) -> str:
+    """Refuse a table, dataset, column or prefix name the SQL clients cannot pass through.
+
+    Quotes, spaces and Unicode are fine (every destination escapes them); ``%`` is not
+    (see the module docstring), nor is a NUL character.
+
+    Args:
+        setting: The config key, e.g. ``input_table`` or ``input_columns.domain``;
+            named in the error as ``sources.apione.<setting>``.
+        value: The configured name.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        ConfigurationError: ``value`` is not a string, or contains ``%`` or NUL.
+    """
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"sources.apione.{setting} must be a name (a string), got {type(value).__name__}"
+        )
+    if "%" in value:
+        raise ConfigurationError(
+            f"sources.apione.{setting} is {value!r}: names containing '%' are not supported "
+            "(the warehouse SQL clients read '%' as a query parameter marker); rename it, "
+            "or expose it under another name through a view"
+        )
+    if "\x00" in value:
+        raise ConfigurationError(f"sources.apione.{setting} contains a NUL character")
+    return value
+
+
+def encode_cursor(value: Any) -> Any:
+    """A cursor value in a form dlt's resource state gives back unchanged.
+
+    dlt's state (typed JSON, checked with dlt 1.31) already round-trips ``None``, ``bool``,
+    ``float``, ``str``, ``bytes``, ``int`` (64-bit), timezone-aware and naive ``datetime``,
+    ``date`` and ``time``: those are returned as they are. It turns a ``UUID`` into a
+    ``str`` (so ``UUID > str`` fails on the next run) and cannot store a ``timedelta``
+    or an integer beyond 64 bits: those become a one-key dict tagged with their type.
+    ``Decimal`` survives dlt too, but is tagged as well so the state holds plain JSON.
+    ``bytearray`` / ``memoryview`` become ``bytes``.
+
+    Args:
+        value: A cursor value as the warehouse returned it.
+
+    Returns:
+        A value to keep in state; :func:`decode_cursor` turns it back.
+
+    Raises:
+        TypeError: A type no cursor column should have (dict, list, ...).
+    """
+    if value is None or isinstance(value, (bool, float, str, bytes, dt.date, dt.time)):
+        return value  # datetime is a date
+    if isinstance(value, int):
+        return value if _INT64_MIN <= value <= _INT64_MAX else {"int": str(value)}
+    if isinstance(value, uuid.UUID):
+        return {"uuid": str(value)}
+    if isinstance(value, Decimal):
+        return {"decimal": str(value)}
+    if isinstance(value, dt.timedelta):
+        return {"timedelta": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(
+        f"a cursor_column value of type {type(value).__name__} cannot be kept between "
+        "runs: use a column of a number, text, date/time or UUID type"
+    )
+
+
+def decode_cursor(stored: Any, *, like: Any = None) -> Any:
+    """The cursor value :func:`encode_cursor` stored; any other value is returned as is.
+
+    Idempotent: a decoded value decodes to itself.
+
+    Args:
+        stored: What the state holds.
+        like: Optionally a cursor value just read from the warehouse. When it is a
+            ``UUID`` and ``stored`` a plain ``str`` (state written before cursors were
+            encoded, where dlt had turned the UUID into text), the text is read as a UUID.
+
+    Returns:
+        The cursor value, comparable with ``>`` to values of the same column.
+    """
+    if isinstance(stored, dict) and len(stored) == 1:
+        [(tag, text)] = stored.items()
+        if tag == "uuid":
+            return uuid.UUID(text)
+        if tag == "decimal":
+            return Decimal(text)
+        if tag == "int":
+            return int(text)
+        if tag == "timedelta":
+            days, seconds, microseconds = text
+            return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+    if isinstance(like, uuid.UUID) and isinstance(stored, str):
+        return uuid.UUID(stored)
+    return stored
 
 
 @dataclass(frozen=True)
@@ -46,6 +159,20 @@ class InputSpec:
     primary_key: str
     columns: dict[str, str]
     cursor_column: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse names the SQL clients cannot pass through (see :func:`check_identifier`).
+
+        Raises:
+            ConfigurationError: Naming the setting.
+        """
+        check_identifier("input_dataset", self.dataset)
+        check_identifier("input_table", self.table)
+        check_identifier("primary_key", self.primary_key)
+        for field, column in self.columns.items():
+            check_identifier(f"input_columns.{field}", column)
+        if self.cursor_column is not None:
+            check_identifier("cursor_column", self.cursor_column)
 
 
 @dataclass
@@ -108,8 +235,10 @@ class InputReader:
 
         Args:
             cursor_from: Only rows whose cursor is ``>=`` this (ties are re-read; the
-                caller de-duplicates them against what is already known).
+                caller de-duplicates them against what is already known). A value as
+                :func:`encode_cursor` stored it is decoded first.
         """
+        cursor_from = decode_cursor(cursor_from)
         fields = list(self.spec.columns)
         with self._client() as client:
             sql, _ = self._select(client)
@@ -120,7 +249,12 @@ class InputReader:
                 if cursor_from is not None:
                     # NULL cursors never compare: read those rows every run (known keys
                     # cost nothing) rather than never again.
-                    sql += f" WHERE {cursor_col} >= %s OR {cursor_col} IS NULL"
+                    param = "%s"
+                    if isinstance(cursor_from, uuid.UUID):
+                        # psycopg2 cannot adapt a UUID; text cast to UUID compares as one
+                        # on DuckDB and Postgres (the warehouses with a UUID type).
+                        param, cursor_from = "CAST(%s AS UUID)", str(cursor_from)
+                    sql += f" WHERE {cursor_col} >= {param} OR {cursor_col} IS NULL"
                     args.append(cursor_from)
                 order.insert(0, cursor_col)
             sql += " ORDER BY " + ", ".join(order)

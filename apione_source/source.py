@@ -25,9 +25,10 @@ from apione_source.errors import (
     StopRunError,
 )
 from apione_source.models import EnrichmentType
-from apione_source.reader import InputReader, InputSpec
+from apione_source.reader import InputReader, InputSpec, check_identifier
 from apione_source.run import EnrichmentRun, RunSettings
 from apione_source.scheduler import SchedulerSettings
+from apione_source.secret import Secret
 from apione_source.settings import DEFAULT_BASE_URL, MAX_RECORDS_PER_JOB, get_plan
 from apione_source.tables import TableNames, apply_table_hints
 
@@ -158,6 +159,8 @@ def apione(
             "sources.apione.api_key is empty: set it in .dlt/secrets.toml "
             "or the env var SOURCES__APIONE__API_KEY"
         )
+    secret = Secret(str(api_key))  # masked in any repr; the resource captures only this
+    del api_key
     etype = _enrichment_type(enrichment_type)
     the_plan = get_plan(plan)
     per_job = the_plan.records_per_job if records_per_job is None else records_per_job
@@ -175,7 +178,7 @@ def apione(
         ttl_not_found_days=(ttl_not_found_days, 0, None),
         retention_seconds=(retention, 1, None),
     )
-    names = TableNames(table_prefix, etype)
+    names = TableNames(check_identifier("table_prefix", table_prefix), etype)
     destination = input_destination
     if input_credentials is not None and isinstance(input_destination, str):
         destination = Destination.from_reference(input_destination, credentials=input_credentials)
@@ -212,7 +215,7 @@ def apione(
     )
 
     def enrichment() -> Any:
-        client = AsyncApiOneClient(api_key, base_url, max_connections=slots + 4)
+        client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
         yield from EnrichmentRun(settings, client, reader)
 
     resource = dlt.resource(enrichment, name=resource_name, write_disposition="append")
