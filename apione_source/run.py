@@ -64,7 +64,7 @@ from apione_source.journal import (
 )
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
-from apione_source.reader import InputReader, InputRow
+from apione_source.reader import InputReader, InputRow, decode_cursor, encode_cursor
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import FINAL_STATUSES, TableNames, enrichment_row, utc_from_timestamp
 
@@ -406,7 +406,7 @@ class EnrichmentRun:
         self.rejected_before = rejected_pks(pipeline, self.s.names)
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
-        last_cursor = self.state.get("cursor") if cursor_mode else None
+        last_cursor = decode_cursor(self.state.get("cursor")) if cursor_mode else None
         stopped = False
         for chunk in self.reader.rows(last_cursor):
             rejected: list[dict[str, Any]] = []
@@ -438,7 +438,7 @@ class EnrichmentRun:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
             # _finish moves it back to the first row whose key stays unsent.
-            self.state["cursor"] = last_cursor
+            self.state["cursor"] = encode_cursor(last_cursor)
 
     def _classify(
         self,
@@ -683,7 +683,8 @@ class EnrichmentRun:
         )
         unsent_cursor = self.pending.min_cursor()
         if unsent_cursor is not None and self.state.get("cursor") is not None:
-            self.state["cursor"] = min(self.state["cursor"], unsent_cursor)
+            read_up_to = decode_cursor(self.state["cursor"])
+            self.state["cursor"] = encode_cursor(min(read_up_to, unsent_cursor))
         if self.wrote_outcomes:
             self.state["has_history"] = True
         stop = self.sched.stop_error or self.sched.refused

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -142,3 +143,27 @@ def test_given_a_signal_while_a_submit_is_in_the_air_then_it_is_journaled_and_ne
     assert usage["records_billed"] == 40 and set(usage["billed_per_key"].values()) == {1}
     rows = env.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
     assert_one_final_outcome_per_row(rows, {str(i) for i in range(40)})
+
+
+def test_given_a_uuid_cursor_column_when_run_again_then_only_new_rows_are_sent(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(input_ddl="CREATE TABLE crm.companies(id INT, domain VARCHAR, version UUID)")
+
+    def add(ids: range) -> None:
+        for i in ids:
+            # ordered like UUIDv7: later rows sort higher
+            env.exec(
+                "INSERT INTO crm.companies VALUES (?, ?, ?)",
+                [i, f"uu{i}.com", uuid.UUID(int=i + 1)],
+            )
+
+    add(range(5))
+    env.run(cursor_column="version")
+    env.run(cursor_column="version")  # crashed on UUID > str before
+    add(range(5, 8))
+    env.run(cursor_column="version")
+
+    usage = env.sandbox.usage()
+    assert usage["records_billed"] == 8 and set(usage["billed_per_key"].values()) == {1}
+    assert set(_latest_statuses(env)) == {str(i) for i in range(8)}
