@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,8 @@ from apione_source.models import (
     parse_model,
 )
 from apione_source.sandbox import Sandbox
+from apione_source.sandbox.__main__ import build_parser, sandbox_from_args
+from apione_source.sandbox.engine import WebhookDue
 from apione_source.settings import JOB_ID_PATTERN, PLANS
 
 KEY = "sk_test_sandbox"
@@ -89,6 +92,37 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
 
 def ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def connect(sb: Sandbox, timeout: float = 5.0) -> socket.socket:
+    host, port = sb.root_url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one answer up to the server closing the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def raw_exchange(sb: Sandbox, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the answer until the server closes."""
+    with connect(sb) as sock:
+        sock.sendall(data)
+        return read_answer(sock)
+
+
+def assert_json_error(headers: dict[str, str], body: bytes, code: str) -> None:
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    doc = json.loads(body)
+    assert doc["status"] == "error" and doc["error"]["code"] == code, doc
+    assert doc["error"]["message"]
 
 
 # --- auth and validation ---------------------------------------------------------------
@@ -737,6 +771,207 @@ def test_sign_and_verify() -> None:
     ]:
         with pytest.raises(WebhookSignatureError):
             webhooks.verify_signature("s", b"{}", bad, now=now)
+
+
+# --- robustness against bad input ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000,
+        b'{"type":"company","records":[{"domain":' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
+        # parses, but its results echo would nest too deep: refused before billing
+        b'{"type":"company","records":[{"domain":' + b"[" * 100 + b"]" * 100 + b"}]}",
+    ],
+    ids=["bare", "in-record", "parseable"],
+)
+def test_deeply_nested_bodies_are_400(sandbox: Sandbox, http: httpx.Client, raw: bytes) -> None:
+    r = http.post(f"{sandbox.base_url}/async/enrich", content=raw)
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+    assert sandbox.usage()["jobs_created"] == 0
+    submit_ok(http, sandbox, "company", domains(1))  # the sandbox still serves
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",
+        "http://[::1/hooks",
+        "not a url",
+        "ftp://example.com/hooks",
+        "file:///etc/passwd",
+        "//example.com/hooks",
+        "http://",
+        "http:///hooks",
+        "http://example.com:99999/hooks",
+        "http://example.com:port/hooks",
+        "http://exa mple.com/hooks",
+        "http://example.com/a b",
+        "http://example.com/a\r\nX-Injected: 1",
+        "https://exämple.com/hooks",
+        "",
+        42,
+    ],
+)
+def test_undeliverable_webhook_urls_are_400_before_billing(
+    sandbox: Sandbox, http: httpx.Client, url: Any
+) -> None:
+    r = submit(http, sandbox, "company", domains(1), webhook_url=url)
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+    usage = sandbox.usage()
+    assert usage["jobs_created"] == 0 and usage["records_billed"] == 0
+
+
+def test_bad_webhook_urls_never_stop_deliveries(
+    sandbox_factory: Factory,
+    http: httpx.Client,
+    receiver_factory: Callable[..., Receiver],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    receiver = receiver_factory()
+    sb = sandbox_factory(webhook_retry_base_seconds=0.001)
+    for bad in ("http://[::1", "http://127.0.0.1:99999/x"):
+        assert submit(http, sb, "company", domains(1), webhook_url=bad).status_code == 400
+    # Were one to reach delivery anyway, it is abandoned at once, without a traceback.
+    for bad in ("http://[::1", "http://127.0.0.1:99999/x", "http://:80/x", "mailto:a@b.c"):
+        sb._dispatcher._deliver(WebhookDue("job_x", bad, "job.completed", b"{}"))
+    # User info in the URL is not part of the address.
+    with_user = receiver.url.replace("http://", "http://user:pw@")
+    first = submit_ok(http, sb, "company", domains(1), webhook_url=with_user)
+    second = submit_ok(http, sb, "company", domains(1, "b"), webhook_url=receiver.url)
+    deliveries = receiver.wait_for(2)
+    assert {json.loads(body)["job_id"] for _, body in deliveries} == {first, second}
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_client_disconnects_print_no_traceback(
+    sandbox_factory: Factory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sb = sandbox_factory(latency_seconds=0.2)
+    request = f"GET /api/v1/async/status/job_x HTTP/1.1\r\nX-API-Key: {KEY}\r\n\r\n"
+    with connect(sb) as sock:
+        sock.sendall(request.encode())
+        # Reset (not a graceful close) while the sandbox is still answering.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+    with connect(sb) as sock:
+        sock.sendall(b"GET /api/v1/async/status/job_x HTTP/1.1\r\nX-API")
+        time.sleep(0.05)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+    time.sleep(0.5)  # the sandbox writes to the reset connection after its latency
+    with httpx.Client(headers=HEADERS) as c:
+        assert c.get(f"{sb.base_url}/async/status/job_x").status_code == 404
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_sandbox_bugs_stay_visible_and_answer_500_json(
+    sandbox: Sandbox,
+    http: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    def boom(api_key: str | None, job_id: str) -> Any:
+        raise RuntimeError("boom in the engine")
+
+    monkeypatch.setattr(sandbox.engine, "status", boom)
+    r = status(http, sandbox, "job_x")
+    assert r.status_code == 500 and error_of(r)["code"] == "internal_error"
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom in the engine" in err
+
+
+def test_a_stalled_upload_is_answered_408_and_closed(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(request_timeout_seconds=0.2)
+    head = (
+        "POST /api/v1/async/enrich HTTP/1.1\r\n"
+        f"X-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    start = time.monotonic()
+    with connect(sb, timeout=5) as sock:
+        sock.sendall(head.encode() + b'{"type":"c')
+        code, headers, body = read_answer(sock)  # returns only once the sandbox closes
+    assert time.monotonic() - start < 3
+    assert code == 408 and headers["connection"] == "close"
+    assert_json_error(headers, body, "request_timeout")
+    assert sb.usage()["submit_calls"] == 0
+
+
+def test_an_idle_connection_is_closed_after_the_request_timeout(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(request_timeout_seconds=0.2)
+    with connect(sb, timeout=5) as sock:
+        assert sock.recv(1) == b""  # closed by the sandbox, well before the 5 s
+
+
+_LONG = b"a" * 70_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "status_code", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/async/status/job_x HTTP/abc\r\n\r\n", 400, "invalid_request"),
+        (b"GET /api/v1/async/status/job_x HTTP/9.9\r\n\r\n", 505, "http_version_not_supported"),
+        (b"PATCH /api/v1/async/enrich HTTP/1.1\r\nHost: x\r\n\r\n", 501, "not_implemented"),
+        (b"BREW /api/v1/async/enrich HTTP/1.1\r\n\r\n", 501, "not_implemented"),
+        (b"GET /" + _LONG + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
+        (b"GET / HTTP/1.1\r\nX-Long: " + _LONG + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET / HTTP/1.1\r\n" + b"X-H: 1\r\n" * 200 + b"\r\n", 431, "headers_too_large"),
+        (
+            b"POST /api/v1/async/enrich HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+            400,
+            "invalid_request",
+        ),
+        (
+            b"POST /api/v1/async/enrich HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n",
+            411,
+            "length_required",
+        ),
+    ],
+    ids=[
+        "syntax",
+        "version",
+        "http2",
+        "patch",
+        "unknown-method",
+        "long-uri",
+        "long-header",
+        "many-headers",
+        "content-length",
+        "chunked",
+    ],
+)
+def test_http_layer_errors_are_json_envelopes(
+    sandbox: Sandbox, raw: bytes, status_code: int, code: str
+) -> None:
+    got, headers, body = raw_exchange(sandbox, raw)
+    assert got == status_code
+    assert headers["connection"] == "close"
+    assert_json_error(headers, body, code)
+
+
+def test_head_gets_a_json_error_without_body(sandbox: Sandbox) -> None:
+    got, headers, body = raw_exchange(sandbox, b"HEAD /_sandbox/usage HTTP/1.1\r\n\r\n")
+    assert got == 501 and headers["content-type"] == "application/json" and body == b""
+
+
+def test_reprs_never_show_the_key_or_secret(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(api_key="sk_live_TOPSECRET", webhook_secret="whsec_TOPSECRET")
+    for obj in (sb, sb.config, sb.engine, sb.engine.config, sb._dispatcher):
+        for text in (repr(obj), str(obj)):
+            assert "TOPSECRET" not in text, text
+    assert "plan=" in repr(sb.config)  # the rest stays visible
+
+
+def test_request_timeout_configuration() -> None:
+    with pytest.raises(ConfigurationError):
+        Sandbox(request_timeout_seconds=0)
+    assert Sandbox(request_timeout_seconds=None).config.request_timeout_seconds is None
+    args = build_parser().parse_args(["--request-timeout-seconds", "0"])
+    assert sandbox_from_args(args).config.request_timeout_seconds is None
+    args = build_parser().parse_args([])
+    assert sandbox_from_args(args).config.request_timeout_seconds == 30
 
 
 # --- CLI ------------------------------------------------------------------------------------

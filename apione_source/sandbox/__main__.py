@@ -53,10 +53,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--retention-seconds", type=float, default=None, help="default: the plan's retention"
     )
     p.add_argument("--record-error-rate", type=float, default=0.0)
+    p.add_argument(
+        "--request-timeout-seconds",
+        type=float,
+        default=30.0,
+        help="socket timeout freeing a stalled connection; 0 waits forever (default 30)",
+    )
     p.add_argument("--webhook-secret", default="whsec_sandbox")
     p.add_argument("--webhook-retry-base-seconds", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
+    """Build the (unstarted) sandbox the parsed flags describe.
+
+    Args:
+        args: What :func:`build_parser` parsed.
+
+    Returns:
+        The sandbox.
+
+    Raises:
+        ConfigurationError: A flag value the sandbox refuses.
+    """
+    return Sandbox(
+        plan=args.plan,
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        job_seconds_base=args.job_seconds_base,
+        job_seconds_per_record=args.job_seconds_per_record,
+        queue_seconds=args.queue_seconds,
+        time_scale=args.time_scale,
+        failure_rate=args.failure_rate,
+        transient_error_rate=args.transient_error_rate,
+        retry_after_seconds=args.retry_after_seconds,
+        latency_seconds=args.latency_seconds,
+        retention_seconds=args.retention_seconds,
+        record_error_rate=args.record_error_rate,
+        request_timeout_seconds=args.request_timeout_seconds or None,
+        webhook_secret=args.webhook_secret,
+        webhook_retry_base_seconds=args.webhook_retry_base_seconds,
+        seed=args.seed,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,25 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        sandbox = Sandbox(
-            plan=args.plan,
-            api_key=args.api_key,
-            host=args.host,
-            port=args.port,
-            job_seconds_base=args.job_seconds_base,
-            job_seconds_per_record=args.job_seconds_per_record,
-            queue_seconds=args.queue_seconds,
-            time_scale=args.time_scale,
-            failure_rate=args.failure_rate,
-            transient_error_rate=args.transient_error_rate,
-            retry_after_seconds=args.retry_after_seconds,
-            latency_seconds=args.latency_seconds,
-            retention_seconds=args.retention_seconds,
-            record_error_rate=args.record_error_rate,
-            webhook_secret=args.webhook_secret,
-            webhook_retry_base_seconds=args.webhook_retry_base_seconds,
-            seed=args.seed,
-        )
+        sandbox = sandbox_from_args(args)
     except ConfigurationError as exc:
         print(f"apione-sandbox: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 A dispatcher thread watches the engine for jobs that finished (their state is computed
 from the clock, so nothing else would notice) and hands each to its own delivery
 thread, which POSTs the signed body and retries non-2xx answers and connection errors
-with exponential backoff, keeping one delivery id across the retries.
+with exponential backoff, keeping one delivery id across the retries. A URL that cannot
+be delivered to at all (the submit refuses those, so only a sandbox bug gets here) ends
+that delivery at once; no thread dies from bad input.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import http.client
 import secrets
 import threading
+import traceback
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -36,12 +39,16 @@ def post_once(due: WebhookDue, headers: dict[str, str], timeout: float) -> int:
     Raises:
         OSError: The connection failed or timed out.
         http.client.HTTPException: The receiver's answer was not HTTP.
+        ValueError: The URL cannot be delivered to (no host, a bad port, ...).
     """
     parts = urlsplit(due.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the webhook URL has no http(s) scheme or no host")
     conn_cls = (
         http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     )
-    conn = conn_cls(parts.netloc, timeout=timeout)
+    # hostname and port, not netloc: user info in the URL is not part of the address.
+    conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
     try:
         path = parts.path or "/"
         if parts.query:
@@ -101,7 +108,13 @@ class WebhookDispatcher:
     def _run(self) -> None:
         signal = self._engine.webhook_signal
         while not self._stop.is_set():
-            for due in self._engine.take_due_webhooks():
+            try:
+                due_now = self._engine.take_due_webhooks()
+            except Exception:
+                # A sandbox bug: show it, keep delivering the other jobs' webhooks.
+                traceback.print_exc()
+                due_now = []
+            for due in due_now:
                 threading.Thread(
                     target=self._deliver, args=(due,), name="apione-sandbox-delivery", daemon=True
                 ).start()
@@ -112,6 +125,12 @@ class WebhookDispatcher:
                 signal.clear()
 
     def _deliver(self, due: WebhookDue) -> None:
+        try:
+            self._attempts(due)
+        except Exception:
+            traceback.print_exc()  # a sandbox bug; this delivery is abandoned
+
+    def _attempts(self, due: WebhookDue) -> None:
         delivery_id = "dlv_" + secrets.token_hex(12)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             # Re-signed on every attempt so a late retry still passes the receiver's
@@ -126,6 +145,8 @@ class WebhookDispatcher:
             try:
                 if 200 <= post_once(due, headers, self._timeout) < 300:
                     return
+            except (ValueError, OverflowError, http.client.InvalidURL):
+                return  # a URL no retry can fix (a bad host or port): give up at once
             except (OSError, http.client.HTTPException):
                 pass  # connection errors are retried like non-2xx answers
             if attempt < MAX_ATTEMPTS and self._stop.wait(self._retry_base * 2 ** (attempt - 1)):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 from apione_source.models import EnrichmentType, JobStatus, RecordStatus
 from apione_source.sandbox import data
@@ -34,6 +35,8 @@ _FAULTS = (
     (429, "rate_limited", "too many requests; retry after the Retry-After delay"),
 )
 _REJECT_KEYS = ("400", "401", "413", "429", "transient")
+MAX_BODY_DEPTH = 64  # deeper JSON is refused: records are flat, and results echo them
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class SandboxConfig:
     """Every knob of the sandbox (see :class:`~apione_source.sandbox.Sandbox`)."""
 
     plan: Plan
-    api_key: str
+    api_key: str = field(repr=False)  # never shown: configs end up in logs
     job_seconds_base: float = 0.0
     job_seconds_per_record: float = 0.0
     queue_seconds: float = 0.0
@@ -52,6 +55,7 @@ class SandboxConfig:
     latency_seconds: float = 0.0
     retention_seconds: float | None = None
     record_error_rate: float = 0.0
+    request_timeout_seconds: float | None = 30.0
     seed: int = 0
 
     @property
@@ -573,6 +577,44 @@ class Engine:
             }
 
 
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Tell whether JSON ``value`` nests arrays/objects deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def valid_webhook_url(url: object) -> bool:
+    """Tell whether ``url`` is an absolute http(s) URL that can be delivered to.
+
+    Args:
+        url: The submitted ``webhook_url``.
+
+    Returns:
+        False for non-strings, non-ASCII text, whitespace or control characters,
+        another scheme, no host, an unparseable host (``http://[::1``) or a port that
+        is not a number in 0-65535.
+    """
+    if not isinstance(url, str) or not url.isascii() or _URL_FORBIDDEN.search(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError when not a number in 0-65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 _JOB_FAILED_ERROR = {
     "code": "internal_error",
     "message": "the job failed during processing; its records may be submitted again",
@@ -591,6 +633,12 @@ def _parse_submit(
         body = json.loads(raw_body)
     except (ValueError, UnicodeDecodeError):
         return bad("the body is not valid JSON")
+    except RecursionError:
+        return bad(f"the body nests deeper than {MAX_BODY_DEPTH} levels")
+    if _depth_exceeds(body, MAX_BODY_DEPTH):
+        # Refused here because the results echo each record: encoding them later could
+        # hit the recursion limit after the job was billed.
+        return bad(f"the body nests deeper than {MAX_BODY_DEPTH} levels")
     if not isinstance(body, dict):
         return bad("the body must be a JSON object")
     enrichment_type = body.get("type")
@@ -611,8 +659,6 @@ def _parse_submit(
         if not isinstance(record, dict):
             return bad(f"records[{i}] must be an object")
     webhook_url = body.get("webhook_url")
-    if webhook_url is not None and not (
-        isinstance(webhook_url, str) and webhook_url.startswith(("http://", "https://"))
-    ):
-        return bad("webhook_url must be an http(s) URL")
+    if webhook_url is not None and not valid_webhook_url(webhook_url):
+        return bad("webhook_url must be an absolute http(s) URL with a valid host and port")
     return enrichment_type, records, webhook_url

@@ -6,15 +6,21 @@ Routes (``<root>`` is ``http://host:port``):
   ``GET <root>/api/v1/async/results/{job_id}``: the ApiOne contract.
 * ``GET <root>/_sandbox/usage``, ``POST <root>/_sandbox/expire/{job_id}``,
   ``POST <root>/_sandbox/reset``: sandbox controls, no auth, never faulted or delayed.
+
+Every error answer, including those of the HTTP layer itself (a malformed request
+line, an unsupported method, a stalled upload), is the JSON error envelope.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -29,6 +35,22 @@ from apione_source.settings import API_KEY_HEADER, get_plan
 _API = "/api/v1/async/"
 _CONTROL = "/_sandbox/"
 _MAX_BODY = 64 * 1024 * 1024  # far above 1,000 records; refuses absurd uploads
+# ``error.code`` of the answers the HTTP layer gives before a request reaches a route.
+_HTTP_ERROR_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    505: "http_version_not_supported",
+}
+# A client that goes away mid-request is routine, not a sandbox bug: no traceback.
+_DISCONNECT_ERRNOS = frozenset({errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF})
 
 
 class _Server(ThreadingHTTPServer):
@@ -37,12 +59,22 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], engine: Engine, latency: float) -> None:
+    def __init__(self, address: tuple[str, int], engine: Engine) -> None:
         super().__init__(address, _Handler)
         self.engine = engine
-        self.latency = latency
+        self.latency = engine.config.latency_seconds
+        self.request_timeout = engine.config.request_timeout_seconds
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Print the traceback of a failed request, unless the client just went away."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)) or (
+            isinstance(exc, OSError) and exc.errno in _DISCONNECT_ERRNOS
+        ):
+            return
+        super().handle_error(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if isinstance(request, socket.socket):
@@ -77,6 +109,24 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Stay silent: per-request logs are noise and headers could carry the key."""
 
+    def setup(self) -> None:
+        # A socket timeout frees the thread of a client that stalls mid-request (and
+        # closes keep-alive connections idle for that long).
+        super().setup()
+        timeout = cast(_Server, self.server).request_timeout
+        if timeout is not None:
+            self.connection.settimeout(timeout)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer an HTTP-layer error with the JSON error envelope and close."""
+        short = self.responses.get(code, ("error", ""))[0]
+        if self.request_version == "HTTP/0.9":
+            # A request line too broken to name a version: still answer with a status
+            # line and headers, which HTTP/0.9 would omit.
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self._send(error_reply(code, _HTTP_ERROR_CODES.get(code, "http_error"), message or short))
+
     def do_GET(self) -> None:
         self._dispatch("GET")
 
@@ -89,29 +139,50 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+    def _read_body(self) -> bytes | Reply:
+        """Read the request body, or return the error answer (the connection closes)."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            return error_reply(411, "length_required", "send the body with a Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if length < 0 or length > _MAX_BODY:
-            raise ValueError("bad Content-Length")
-        return self.rfile.read(length) if length else b""
+            self.close_connection = True
+            return error_reply(400, "invalid_request", "invalid Content-Length")
+        if not length:
+            return b""
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            return error_reply(408, "request_timeout", "the request body stopped arriving")
+        if len(body) < length:  # the client closed its side mid-body
+            self.close_connection = True
+            return error_reply(400, "invalid_request", "the body is shorter than Content-Length")
+        return body
 
     def _dispatch(self, method: str) -> None:
         server = cast(_Server, self.server)
-        try:
-            body = self._read_body()
-        except ValueError:
-            self.close_connection = True
-            self._send(error_reply(400, "invalid_request", "invalid Content-Length"))
+        body = self._read_body()
+        if isinstance(body, Reply):
+            self._send(body)
             return
         path = urlsplit(self.path).path
-        if path.startswith(_API):
-            if server.latency > 0:
-                time.sleep(server.latency)
-            reply = self._api(server.engine, method, path[len(_API) :], body)
-        elif path.startswith(_CONTROL):
-            reply = self._control(server.engine, method, path[len(_CONTROL) :])
-        else:
-            reply = error_reply(404, "not_found", f"no route {path}")
+        try:
+            if path.startswith(_API):
+                if server.latency > 0:
+                    time.sleep(server.latency)
+                reply = self._api(server.engine, method, path[len(_API) :], body)
+            elif path.startswith(_CONTROL):
+                reply = self._control(server.engine, method, path[len(_CONTROL) :])
+            else:
+                reply = error_reply(404, "not_found", "no such route")
+        except Exception:
+            # A sandbox bug: keep it visible, but still answer in the contract's shape.
+            traceback.print_exc()
+            reply = error_reply(500, "internal_error", "the sandbox failed; see its stderr")
         self._send(reply)
 
     def _api(self, engine: Engine, method: str, route: str, body: bytes) -> Reply:
@@ -151,8 +222,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(reply.body)))
         for name, value in reply.headers:
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(reply.body)
+        if self.command != "HEAD":
+            self.wfile.write(reply.body)
 
 
 def _method_not_allowed() -> Reply:
@@ -182,13 +256,17 @@ class Sandbox:
         latency_seconds: Delay added before answering each API request.
         retention_seconds: Results retention; None uses the plan's.
         record_error_rate: Share of records whose result is ``error`` (per job).
+        request_timeout_seconds: Socket timeout of each connection: a client that
+            stalls mid-request (or a keep-alive connection idle this long) is answered
+            408 ``request_timeout`` when possible and closed. None waits forever.
         webhook_secret: Secret signing webhook deliveries.
         webhook_retry_base_seconds: First webhook retry delay; doubles each retry.
         seed: Seed of every reproducible choice (faults, failures, record errors).
         clock: Unix time source; inject a fake one to drive jobs without sleeping.
 
     Raises:
-        ConfigurationError: Unknown plan or a rate outside ``[0, 1]``.
+        ConfigurationError: Unknown plan, a rate outside ``[0, 1]``, a negative
+            duration or a non-positive request timeout.
     """
 
     def __init__(
@@ -208,6 +286,7 @@ class Sandbox:
         latency_seconds: float = 0.0,
         retention_seconds: float | None = None,
         record_error_rate: float = 0.0,
+        request_timeout_seconds: float | None = 30.0,
         webhook_secret: str = "whsec_sandbox",
         webhook_retry_base_seconds: float = 1.0,
         seed: int = 0,
@@ -221,6 +300,10 @@ class Sandbox:
             _check_rate(name, rate)
         if min(job_seconds_base, job_seconds_per_record, queue_seconds, time_scale) < 0:
             raise ConfigurationError("durations and time_scale must not be negative")
+        if request_timeout_seconds is not None and not request_timeout_seconds > 0:
+            raise ConfigurationError(
+                f"request_timeout_seconds must be positive or None, got {request_timeout_seconds}"
+            )
         self.config = SandboxConfig(
             plan=get_plan(plan),
             api_key=api_key,
@@ -234,6 +317,7 @@ class Sandbox:
             latency_seconds=latency_seconds,
             retention_seconds=retention_seconds,
             record_error_rate=record_error_rate,
+            request_timeout_seconds=request_timeout_seconds,
             seed=seed,
         )
         self.engine = Engine(self.config, clock)
@@ -258,7 +342,7 @@ class Sandbox:
         """
         if self._server is not None:
             return self
-        self._server = _Server((self._host, self._port), self.engine, self.config.latency_seconds)
+        self._server = _Server((self._host, self._port), self.engine)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
