@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel
@@ -52,6 +52,7 @@ from apione_source.errors import (
     JobNotFoundError,
     MalformedResponseError,
     NotReadyError,
+    PermissionDeniedError,
     RateLimitedError,
     ResultsExpiredError,
     RetryableError,
@@ -262,6 +263,10 @@ class _Call(Generic[_M]):
         kw: dict[str, Any] = {"status_code": status, "code": code, "job_id": self.job_id}
         if status == 401:
             return AuthenticationError(_AUTH_MESSAGE, **kw)
+        if status == 403:
+            return PermissionDeniedError(
+                f"{text}. Use an API key whose ApiOne plan allows this enrichment.", **kw
+            )
         if status == 402:
             return InsufficientCreditsError(f"{text}. Top up ApiOne credits.", **kw)
         if status == 429 and code == "concurrent_job_limit":
@@ -330,6 +335,12 @@ class _ClientBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` of the base URL, for messages (never any credentials)."""
+        parts = urlsplit(self.base_url)
+        return f"{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
 
     def _headers(self) -> dict[str, str]:
         # No API key here: _KeyAuth adds it to each request, and removes it after.

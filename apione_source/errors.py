@@ -18,9 +18,13 @@
     ├── MalformedResponseError    a body broke the contract: keep the job, report it
     ├── BadRequestError           400: fix the request, do not retry
     ├── WebhookSignatureError     a webhook delivery's signature is bad or too old: reject it
-    └── StopRunError              stop the run, nothing will succeed until a human acts
+    └── StopRunError              the run fails: nothing will succeed until a human acts
         ├── AuthenticationError   401: set a valid API key
-        └── InsufficientCreditsError  402: top up credits
+        ├── InsufficientCreditsError  402: top up credits
+        ├── PermissionDeniedError 403: use a key whose plan allows this enrichment
+        ├── ApiUnreachableError   no answer from the host for too long: check base_url
+        └── RequestRefusedError   ApiOne refuses the request itself (400, 404 on the
+                                  route): check base_url, upgrade apione-dlt
 
 No error message or repr ever contains the API key.
 """
@@ -174,6 +178,21 @@ class AuthenticationError(StopRunError):
 
 class InsufficientCreditsError(StopRunError):
     """402 ``insufficient_credits``."""
+
+
+class PermissionDeniedError(StopRunError):
+    """403: the key is valid but may not do this."""
+
+
+class ApiUnreachableError(StopRunError):
+    """ApiOne's host gave no answer at all (connection refused, DNS, timeouts) for too long."""
+
+
+class RequestRefusedError(StopRunError):
+    """ApiOne refused the request as such (400, or 404 on the submit route).
+
+    Not about the records: the next batch would be refused the same way.
+    """
 
 
 class WebhookSignatureError(ApiOneError):

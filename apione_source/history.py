@@ -35,28 +35,45 @@ class KeyState:
     submitted_at: datetime | None = None  # when the job of this outcome was sent
 
 
+@dataclass(frozen=True)
+class Ttls:
+    """How long a final outcome stays fresh, by status.
+
+    Attributes:
+        matched: ``matched`` and ``invalid`` (ApiOne will say the same again).
+        not_found: ``not_found``.
+        error: ``error`` (a per-record failure, or a record given up on): short, since
+            the cause is usually on ApiOne's side and passes.
+    """
+
+    matched: timedelta
+    not_found: timedelta
+    error: timedelta
+
+    def for_status(self, status: str) -> timedelta:
+        """The TTL of a final ``status``."""
+        if status in ("matched", "invalid"):
+            return self.matched
+        return self.error if status == "error" else self.not_found
+
+
 @dataclass
 class KnownKeys:
     """The outcome history of every key, loaded from the destination."""
 
     keys: dict[str, KeyState] = field(default_factory=dict)
 
-    def is_fresh(
-        self, key: str, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
-    ) -> bool:
+    def is_fresh(self, key: str, now: datetime, ttls: Ttls) -> bool:
         """True if ``key`` has a final outcome younger than its TTL."""
         state = self.keys.get(key)
         if state is None or state.status not in FINAL_STATUSES:
             return False
-        ttl = ttl_matched if state.status in ("matched", "invalid") else ttl_retry
-        return now - state.finished_at < ttl
+        return now - state.finished_at < ttls.for_status(state.status)
 
-    def stale(
-        self, now: datetime, ttl_matched: timedelta, ttl_retry: timedelta
-    ) -> Iterator[tuple[str, KeyState]]:
+    def stale(self, now: datetime, ttls: Ttls) -> Iterator[tuple[str, KeyState]]:
         """Keys whose last outcome is no longer fresh."""
         for key, state in self.keys.items():
-            if not self.is_fresh(key, now, ttl_matched, ttl_retry):
+            if not self.is_fresh(key, now, ttls):
                 yield key, state
 
 

@@ -26,9 +26,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import dlt
+from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
 from dlt.destinations.sql_client import SqlClientBase
@@ -38,6 +40,26 @@ from apione_source.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_duckdb_file(destination: TDestinationReferenceArg) -> None:
+    """A DuckDB input file must exist: connecting to a missing one creates it, empty."""
+    if not isinstance(destination, Destination) or not destination.destination_type.endswith(
+        ".duckdb"
+    ):
+        return
+    database = destination.config_params.get("credentials")
+    if (
+        isinstance(database, (str, Path))
+        and str(database) not in ("", ":memory:")
+        and not str(database).startswith(("md:", "motherduck:"))
+        and not Path(database).exists()
+    ):
+        raise ConfigurationError(
+            f"the input DuckDB file {database} does not exist: check "
+            "sources.apione.input_credentials (the path of the .duckdb file holding the "
+            f"input table; relative paths start at {Path.cwd()})"
+        )
 
 
 def check_identifier(setting: str, value: object) -> str:
@@ -209,6 +231,7 @@ class InputReader:
         Raises:
             ConfigurationError: Naming the missing table or columns and the config key.
         """
+        _check_duckdb_file(self.spec.destination)
         with self._client() as client:
             table = client.make_qualified_table_name(self.spec.table)
             try:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -46,6 +46,7 @@ from apione_source.errors import ConcurrentRunError
 from apione_source.history import (
     KeyState,
     KnownKeys,
+    Ttls,
     confirmed_loads,
     load_known_keys,
     rejected_pks,
@@ -84,8 +85,7 @@ class RunSettings:
         resource_name: Name of the dlt resource (names the state).
         names: Table names.
         scheduler: Limits and timing of jobs.
-        ttl_matched: How long a matched (or invalid) outcome stays fresh.
-        ttl_not_found: How long a not_found (or error) outcome stays fresh.
+        ttls: How long final outcomes stay fresh.
         max_records_per_run: Cap on records submitted in one run (None: no cap).
         max_attempts: Attempts per record before it is recorded as ``error``.
         retention_seconds: How long ApiOne keeps results (warns about old carried jobs).
@@ -96,8 +96,7 @@ class RunSettings:
     resource_name: str
     names: TableNames
     scheduler: SchedulerSettings
-    ttl_matched: timedelta
-    ttl_not_found: timedelta
+    ttls: Ttls
     max_records_per_run: int | None
     max_attempts: int
     retention_seconds: float
@@ -250,6 +249,7 @@ class EnrichmentRun:
         self.load_id: str = dlt.current.load_package_state()["load_id"]
         self.state: dict[str, Any] = dlt.current.resource_state()
         names = self.s.names
+        self.reader.check()  # here, not when the source is built: that touches nothing
         with ExitStack() as stack:
             lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
             stack.callback(lock.release)
@@ -277,12 +277,15 @@ class EnrichmentRun:
             stack.callback(lambda: self._await(self.client.aclose()))
             stack.callback(lambda: self._await(self.sched.close()))
             yield from self._run(pipeline)
-            # A stop request ends the run red: everything is in the journal for the next.
+            # A run that could not do its job fails (so every orchestrator shows it red).
+            # Its package is dropped; the journal holds everything the next run needs.
             signals.raise_if_signalled()
+            if self.sched.stop_error is not None:
+                raise self.sched.stop_error
 
     def _run(self, pipeline: dlt.Pipeline) -> Iterator[Any]:
-        self.state.pop("stop_error", None)
-        self.state.pop("jobs", None)  # in-flight jobs lived here before the journal did
+        for legacy in ("stop_error", "jobs"):  # kept in state before the journal existed
+            self.state.pop(legacy, None)
         journal = self.journal
         for entry in journal.in_phase(TO_SEND, SENDING, IN_FLIGHT):
             for item in entry.items:
@@ -308,7 +311,8 @@ class EnrichmentRun:
         self._await(self.sched.track(due))
         if due:
             logger.info("collecting %d job(s) carried over from earlier runs", len(due))
-        self.to_send.extend(journal.in_phase(TO_SEND))
+        # (lost submits settled above are queued already: never twice)
+        self.to_send.extend(e for e in journal.in_phase(TO_SEND) if e not in self.to_send)
         yield from self._collect_ready()
         self._send_entries()
         if not self.sched.can_submit:
@@ -433,7 +437,7 @@ class EnrichmentRun:
                 break
         if cursor_mode and not stopped:
             # With a cursor only changed rows are read: stale keys come from the history.
-            for key, ks in self.known.stale(now, self.s.ttl_matched, self.s.ttl_not_found):
+            for key, ks in self.known.stale(now, self.s.ttls):
                 if ks.input and key not in self.reserved:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
@@ -476,9 +480,7 @@ class EnrichmentRun:
             self._join(entry, key, row.pk)
             return "in_flight"
         ks = self.known.keys.get(key)
-        if ks is not None and self.known.is_fresh(
-            key, now, self.s.ttl_matched, self.s.ttl_not_found
-        ):
+        if ks is not None and self.known.is_fresh(key, now, self.s.ttls):
             if row.pk not in ks.pks:
                 # A new row for a key already enriched: trace it, pay nothing.
                 ks.pks.add(row.pk)
@@ -687,12 +689,6 @@ class EnrichmentRun:
             self.state["cursor"] = encode_cursor(min(read_up_to, unsent_cursor))
         if self.wrote_outcomes:
             self.state["has_history"] = True
-        stop = self.sched.stop_error or self.sched.refused
-        if stop is not None:
-            # The extract finishes so everything collected is loaded; run_enrichment
-            # raises this after the load.
-            logger.error("run stopped: %s", stop)
-            self.state["stop_error"] = {"type": type(stop).__name__, "message": stop.message}
         self._sync_stats()
         running = len(still_running)
         logger.info("run finished: %s", self.stats.line(running))

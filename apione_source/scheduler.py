@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 from apione_source.client import AsyncApiOneClient
 from apione_source.errors import (
     ApiOneError,
+    ApiUnreachableError,
     JobNotFoundError,
     NotReadyError,
+    RequestRefusedError,
     ResultsExpiredError,
     RetryableError,
     ShrinkBatchError,
     StopRunError,
     SubmitOutcomeUnknownError,
+    TransportError,
     WaitForCapacityError,
 )
 from apione_source.journal import (
@@ -73,6 +76,8 @@ class SchedulerSettings:
             reached every replica yet.
         defer_base_seconds: After an answer the contract does not know, the job is looked
             at again no sooner than this (doubling per such answer, up to 6 hours).
+        unreachable_seconds: The run fails once ApiOne's host has given no answer at all
+            (after the client's own retries) for this long.
     """
 
     records_per_job: int
@@ -84,6 +89,7 @@ class SchedulerSettings:
     webhook_url: str | None = None
     vanish_grace_seconds: float = 300.0
     defer_base_seconds: float = 60.0
+    unreachable_seconds: float = 60.0
 
 
 @dataclass
@@ -139,11 +145,11 @@ class JobScheduler:
         self.finished: asyncio.Queue[Finished] = asyncio.Queue()
         self._lost_streak = 0
         self.submits_paused = False
-        # Set when ApiOne answers 401/402: nothing more is sent or polled this run.
+        # Set when nothing will succeed until a human acts (401, 402, 403, a refused
+        # request, an unreachable host): nothing more is sent or polled; the run fails.
         self.stop_error: StopRunError | None = None
-        # Set when ApiOne refuses a request as such (400, 404 on the route).
-        self.refused: ApiOneError | None = None
         self.counters = _Counters()
+        self._silent_since: float | None = None  # first failure without any answer
         # Jobs of ours queued or processing on the server. Carried-over jobs count too,
         # so a condition, not a semaphore: there may briefly be more than the limit.
         self._active = 0
@@ -173,12 +179,7 @@ class JobScheduler:
     @property
     def can_submit(self) -> bool:
         """False once nothing more may be sent this run."""
-        return (
-            self.remaining > 0
-            and self.stop_error is None
-            and self.refused is None
-            and not self.submits_paused
-        )
+        return self.remaining > 0 and self.stop_error is None and not self.submits_paused
 
     # --- submitting ----------------------------------------------------------------------
 
@@ -253,6 +254,7 @@ class JobScheduler:
         # Anything else (cancellation, a bug) may have struck while the request was in the
         # air: the entry stays `sending` and the next run counts it as a lost answer.
         self.journal.job_created(entry, answer.job_id)
+        self._silent_since = None
         self._lost_streak = 0
         self.counters.submitted_jobs += 1
         self.counters.submitted_records += len(items)
@@ -287,12 +289,34 @@ class JobScheduler:
             self.counters.capacity_waits += 1
             return "wait", exc.retry_after or 1.0
         if isinstance(exc, RetryableError):  # the client's own retries ran out
+            self._note_silence(exc)
             return "wait", exc.retry_after or self.settings.poll_max_seconds / 4
-        # A 400 (or 404 on the route) is about the request, not the records: retrying
-        # the next batch would be refused the same way.
-        logger.error("ApiOne refused a batch of %d records: %s", len(items), exc)
-        self.refused = exc
-        return "refused", 0.0
+        # A 400 (or 404 on the route) is about the request, not the records: the next
+        # batch would be refused the same way, and the records go out on a later run.
+        raise RequestRefusedError(
+            f"ApiOne at {self.client.host} refused a submit of {len(items)} records: "
+            f"{exc.message}. This is about the request, not the records: check "
+            "sources.apione.base_url (it ends with /api/v1) and that apione-dlt is up to "
+            "date; nothing was billed, the records are sent on the next run",
+            status_code=exc.status_code,
+            code=exc.code,
+        )
+
+    def _note_silence(self, exc: ApiOneError) -> None:
+        """Fail the run once the host has given no answer at all for too long."""
+        if not isinstance(exc, TransportError):
+            self._silent_since = None  # an answer, if an unhappy one
+            return
+        now = self.clock()
+        if self._silent_since is None:
+            self._silent_since = now
+        elif now - self._silent_since >= self.settings.unreachable_seconds:
+            self.stop_error = ApiUnreachableError(
+                f"ApiOne at {self.client.host} gave no answer for "
+                f"{now - self._silent_since:.0f}s ({exc.message}): check "
+                "sources.apione.base_url and the network; jobs in flight are collected by "
+                "the next run"
+            )
 
     # --- polling ---------------------------------------------------------------------------
 
@@ -337,6 +361,7 @@ class JobScheduler:
                     logger.info(
                         "job %s: status unavailable (%s); looking again later", entry.job_id, exc
                     )
+                    self._note_silence(exc)
                     continue
                 except StopRunError as exc:
                     self.stop_error = exc
@@ -351,6 +376,7 @@ class JobScheduler:
                     )
                     return
                 not_found = 0
+                self._silent_since = None
                 if end is not None:
                     await self.finished.put(end)
                     return

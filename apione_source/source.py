@@ -16,14 +16,11 @@ from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
 from dlt.common.typing import TSecretValue
 from dlt.extract.resource import DltResource
+from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.client import AsyncApiOneClient
-from apione_source.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    InsufficientCreditsError,
-    StopRunError,
-)
+from apione_source.errors import ApiOneError, ConfigurationError
+from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
 from apione_source.reader import InputReader, InputSpec, check_identifier
 from apione_source.run import EnrichmentRun, RunSettings
@@ -108,9 +105,11 @@ def apione(
     retention_seconds: int | None = None,
     ttl_matched_days: float = 90.0,
     ttl_not_found_days: float = 14.0,
+    ttl_error_days: float = 1.0,
     max_records_per_run: int | None = None,
     wait_budget_seconds: float = 900.0,
     job_timeout_seconds: float = 6 * 3600.0,
+    unreachable_seconds: float = 60.0,
     max_attempts: int = 3,
     webhook_url: str | None = None,
     table_prefix: str = "apione_",
@@ -137,10 +136,14 @@ def apione(
         concurrent_jobs: Override of the plan's concurrent jobs.
         retention_seconds: Override of the plan's result retention.
         ttl_matched_days: Days a matched (or invalid) result stays fresh.
-        ttl_not_found_days: Days a not_found (or error) result stays fresh.
+        ttl_not_found_days: Days a not_found result stays fresh.
+        ttl_error_days: Days an ``error`` result (a per-record failure, or a record given
+            up on after ``max_attempts``) stays fresh.
         max_records_per_run: Cap on records submitted per run (None: no cap).
         wait_budget_seconds: How long a run waits for jobs; the rest carry over.
         job_timeout_seconds: A job running longer is given up and its records resubmitted.
+        unreachable_seconds: The run fails once ApiOne's host has given no answer at all
+            for this long (after each call's own retries).
         max_attempts: Attempts per record (failed / expired jobs) before an ``error``.
         webhook_url: Passed to ApiOne with every job (polling is still what collects).
         table_prefix: Prefix of every table name.
@@ -176,6 +179,8 @@ def apione(
         job_timeout_seconds=(job_timeout_seconds, 1, None),
         ttl_matched_days=(ttl_matched_days, 0, None),
         ttl_not_found_days=(ttl_not_found_days, 0, None),
+        ttl_error_days=(ttl_error_days, 0, None),
+        unreachable_seconds=(unreachable_seconds, 1, None),
         retention_seconds=(retention, 1, None),
     )
     names = TableNames(check_identifier("table_prefix", table_prefix), etype)
@@ -193,7 +198,6 @@ def apione(
         ),
         chunk_size=chunk_size,
     )
-    reader.check()
     resource_name = f"{etype.value}_enrichment"
     settings = RunSettings(
         enrichment_type=etype,
@@ -204,10 +208,14 @@ def apione(
             concurrent_jobs=slots,
             wait_budget_seconds=wait_budget_seconds,
             job_timeout_seconds=job_timeout_seconds,
+            unreachable_seconds=unreachable_seconds,
             webhook_url=webhook_url,
         ),
-        ttl_matched=timedelta(days=ttl_matched_days),
-        ttl_not_found=timedelta(days=ttl_not_found_days),
+        ttls=Ttls(
+            matched=timedelta(days=ttl_matched_days),
+            not_found=timedelta(days=ttl_not_found_days),
+            error=timedelta(days=ttl_error_days),
+        ),
         max_records_per_run=max_records_per_run,
         max_attempts=max_attempts,
         retention_seconds=retention,
@@ -227,10 +235,12 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
     """Run ``source`` after finishing whatever an interrupted run left behind.
 
     ``pipeline.run`` loads pending packages *instead of* extracting when a previous run
-    died after extract; calling it once more makes one scheduled run do both.
+    died after extract; calling it once more makes one scheduled run do both. A plain
+    ``pipeline.run(apione())`` fails the same way (``PipelineStepFailed``); this raises
+    the connector's own error, which says what to do.
 
     Args:
-        pipeline: The pipeline (keep its working dir persistent between runs).
+        pipeline: The pipeline.
         source: Usually ``apione()``.
         **run_kwargs: Passed to ``pipeline.run``.
 
@@ -238,20 +248,19 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         The ``LoadInfo`` of the run that extracted ``source``.
 
     Raises:
-        AuthenticationError: ApiOne answered 401; what was collected is loaded first.
-        InsufficientCreditsError: ApiOne answered 402; what was collected is loaded first.
+        StopRunError: The run could not do its job (401, 402, 403, unreachable API, a
+            refused request); jobs in flight and collected results are picked up by the
+            next run.
+        ConfigurationError: A setting is wrong (checked before any API call).
     """
     if pipeline.has_pending_data:
         pipeline.run()
-    info = pipeline.run(source, **run_kwargs)
-    resources_state = pipeline.state.get("sources", {}).get(source.name, {}).get("resources", {})
-    for name in source.resources:
-        stop = resources_state.get(name, {}).get("stop_error")
-        if not stop:
-            continue
-        error_class = {
-            "AuthenticationError": AuthenticationError,
-            "InsufficientCreditsError": InsufficientCreditsError,
-        }.get(stop["type"], StopRunError)
-        raise error_class(stop["message"])
-    return info
+    try:
+        return pipeline.run(source, **run_kwargs)
+    except PipelineStepFailed as failed:
+        cause: BaseException | None = failed
+        while cause is not None and not isinstance(cause, ApiOneError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None

@@ -20,7 +20,7 @@ from typing import Any
 import dlt
 import pytest
 
-from apione_source.history import KnownKeys, _fold
+from apione_source.history import KnownKeys, Ttls, _fold
 from apione_source.journal import IN_FLIGHT, SENDING
 from tests.e2e import COMPANY, Env, assert_one_final_outcome_per_row, open_journal
 
@@ -53,7 +53,8 @@ def test_given_an_older_jobs_report_written_after_a_newer_match_then_the_match_s
     for key, status, finished, job, pk, record, sent in sorted(rows, key=lambda r: r[6]):
         _fold(known, key, status, finished, job, pk, record, sent)
     assert known.keys["a.com"].status == "matched"
-    assert known.is_fresh("a.com", t0 + timedelta(days=1), timedelta(days=90), timedelta(days=1))
+    day = timedelta(days=1)
+    assert known.is_fresh("a.com", t0 + day, Ttls(matched=90 * day, not_found=day, error=day))
 
 
 def test_given_two_pipelines_over_the_same_tables_when_one_carries_jobs_then_the_other_never_pays_them(  # noqa: E501

@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 
 from apione_source.errors import (
+    ApiUnreachableError,
     BadRequestError,
     JobNotFoundError,
     MalformedResponseError,
+    RequestRefusedError,
     ShrinkBatchError,
     SubmitOutcomeUnknownError,
+    TransportError,
     WaitForCapacityError,
 )
 from apione_source.journal import IN_FLIGHT, LOST, SENDING, TO_SEND, BatchItem, Journal, MemoryStore
@@ -23,6 +26,8 @@ from apione_source.scheduler import COMPLETED, VANISHED, JobScheduler, Scheduler
 
 class ScriptedClient:
     """Answers submits from a script: an exception to raise, or None for success."""
+
+    host = "apione.test"
 
     def __init__(self, script: list[Exception | None]) -> None:
         self.script = script
@@ -131,7 +136,8 @@ def test_given_a_400_when_submitting_then_the_run_stops_submitting_and_pays_noth
     outcome, entry = _submit(sched, 10)
 
     assert outcome == "unsent" and entry.phase == TO_SEND
-    assert isinstance(sched.refused, BadRequestError) and not sched.can_submit
+    assert isinstance(sched.stop_error, RequestRefusedError) and not sched.can_submit
+    assert "apione.test" in str(sched.stop_error) and "base_url" in str(sched.stop_error)
     assert client.sizes == [10]
     assert sched.drain_ready() == []  # no outcome: the records go out on the next run
 
@@ -267,3 +273,18 @@ def test_given_one_job_done_when_waiting_for_the_next_then_the_loop_does_not_spi
     assert _run(go()) == ["job_1", "job_2"]
     # each wake-up is a poll of job_2 (every ~50-100 ms), not a busy loop
     assert waits < 30, f"next_finished looped {waits} times"
+
+
+def test_given_an_unreachable_host_when_submitting_then_the_run_stops_within_the_bound() -> None:
+    down = TransportError("POST /async/enrich failed: ConnectError: connection refused")
+    client, t = ScriptedClient([down] * 100), FakeTime()
+    sched = _scheduler(client, t, wait_budget_seconds=900.0, unreachable_seconds=60.0)
+
+    outcome, entry = _submit(sched, 5)
+
+    assert outcome == "unsent" and entry.phase == TO_SEND
+    assert isinstance(sched.stop_error, ApiUnreachableError)
+    message = str(sched.stop_error)
+    assert "apione.test" in message and "ConnectError" in message and "base_url" in message
+    # within the bound (plus one wait), not the whole wait budget
+    assert 60.0 <= t.now <= 60.0 + sched.settings.poll_max_seconds / 4
