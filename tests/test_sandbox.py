@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -591,6 +592,7 @@ def test_usage_counters(
         "jobs_created": 2,
         "records_billed": 3,
         "billed_per_key": {'{"domain":"stripe.com","name":"Stripe"}': 2, '{"domain":"a.com"}': 1},
+        "failed_per_key": {},
         "status_calls": 1,
         "results_calls": 1,
         "submit_calls": 5,
@@ -972,6 +974,309 @@ def test_request_timeout_configuration() -> None:
     assert sandbox_from_args(args).config.request_timeout_seconds is None
     args = build_parser().parse_args([])
     assert sandbox_from_args(args).config.request_timeout_seconds == 30
+
+
+# --- contract drift knobs ----------------------------------------------------------------------
+
+DRIFT_KNOBS = [
+    "short_results_rate",
+    "bad_index_rate",
+    "wrong_echo_rate",
+    "status_404_first_rate",
+    "unknown_status_rate",
+]
+
+
+def results_drifted(records: list[dict[str, Any]], body: dict[str, Any]) -> bool:
+    got = [(r["index"], r["input"]) for r in body["results"]]
+    return got != list(enumerate(records))
+
+
+def test_short_results_lack_the_last_record(
+    sandbox_factory: Factory, http: httpx.Client, receiver_factory: Callable[..., Receiver]
+) -> None:
+    receiver = receiver_factory()
+    sb = sandbox_factory(short_results_rate=1.0)
+    records = domains(5)
+    job_id = submit_ok(http, sb, "company", records, webhook_url=receiver.url)
+    body = results(http, sb, job_id).json()
+    assert body["status"] == "completed" and body["total_records"] == 5
+    assert body["processed_records"] == 5
+    assert [(r["index"], r["input"]) for r in body["results"]] == list(enumerate(records[:4]))
+    # The webhook carries the same short body.
+    [(_, hook)] = receiver.wait_for(1)
+    assert json.loads(hook) == {**body, "event": "job.completed"}
+    assert (
+        results(http, sb, submit_ok(http, sb, "email", [{"email": "a@b.co"}])).json()["results"]
+        == []
+    )
+
+
+def test_bad_index_duplicates_or_overflows_one_index(
+    sandbox_factory: Factory, http: httpx.Client
+) -> None:
+    sb = sandbox_factory(bad_index_rate=1.0)
+    kinds = set()
+    for i in range(20):
+        records = domains(4, f"b{i}-")
+        body = results(http, sb, submit_ok(http, sb, "company", records)).json()
+        indexes = [r["index"] for r in body["results"]]
+        assert [r["input"] for r in body["results"]] == records  # only an index drifts
+        [wrong] = [k for k, index in enumerate(indexes) if index != k]
+        if indexes[wrong] < 4:
+            kinds.add("duplicate")
+            assert indexes.count(indexes[wrong]) == 2
+        else:
+            kinds.add("out of range")
+            assert indexes[wrong] == 4  # total_records
+    assert kinds == {"duplicate", "out of range"}
+    one = results(http, sb, submit_ok(http, sb, "company", domains(1, "one"))).json()
+    assert [r["index"] for r in one["results"]] == [1]
+
+
+def test_wrong_echo_changes_one_input(sandbox_factory: Factory, http: httpx.Client) -> None:
+    sb = sandbox_factory(wrong_echo_rate=1.0)
+    records = domains(4)
+    body = results(http, sb, submit_ok(http, sb, "company", records)).json()
+    assert [r["index"] for r in body["results"]] == [0, 1, 2, 3]
+    inputs = [r["input"] for r in body["results"]]
+    [wrong] = [k for k in range(4) if inputs[k] != records[k]]
+    assert inputs[wrong] == records[(wrong + 1) % 4]  # the echo of another record sent
+    result = body["results"][wrong]
+    if result["status"] == "matched":  # the data is still that of the record sent
+        assert result["data"]["domain"] == records[wrong]["domain"]
+    # Identical records: the echo is altered instead.
+    same = [{"domain": "same.com", "name": "Same"}] * 3
+    inputs = [
+        r["input"]
+        for r in results(http, sb, submit_ok(http, sb, "company", same)).json()["results"]
+    ]
+    assert sorted(map(json.dumps, inputs)) == sorted(
+        map(json.dumps, [same[0], same[0], {"domain": "wrong-same.com", "name": "Same"}])
+    )
+    job_id = submit_ok(http, sb, "company", [{"domain": 42}])
+    assert results(http, sb, job_id).json()["results"][0]["input"] == {
+        "domain": 42,
+        "_echo": "wrong",
+    }
+
+
+def test_status_404_first_then_normal(
+    sandbox_factory: Factory, http: httpx.Client, bare: httpx.Client
+) -> None:
+    sb = sandbox_factory(status_404_first_rate=1.0)
+    job_id = submit_ok(http, sb, "company", domains(2))
+    assert results(http, sb, job_id).status_code == 200  # results calls are not affected
+    assert bare.get(f"{sb.base_url}/async/status/{job_id}").status_code == 401  # not counted
+    r = status(http, sb, job_id)
+    assert r.status_code == 404 and error_of(r)["code"] == "job_not_found"
+    for _ in range(3):
+        r = status(http, sb, job_id)
+        assert r.status_code == 200 and r.json()["status"] == "completed"
+
+
+def test_unknown_status_for_the_first_calls(sandbox_factory: Factory, http: httpx.Client) -> None:
+    sb = sandbox_factory(unknown_status_rate=1.0)
+    job_id = submit_ok(http, sb, "company", domains(2))
+    answers = [status(http, sb, job_id).json() for _ in range(4)]
+    assert [a["status"] for a in answers] == ["paused", "paused", "completed", "completed"]
+    assert answers[0] == {**answers[2], "status": "paused"}  # every other field is true
+    assert results(http, sb, job_id).json()["status"] == "completed"
+
+    sb = sandbox_factory(unknown_status_rate=1.0, unknown_status_calls=1, status_404_first_rate=1)
+    job_id = submit_ok(http, sb, "company", domains(2))
+    first, *later = [status(http, sb, job_id) for _ in range(3)]
+    assert first.status_code == 404
+    assert [r.json()["status"] for r in later] == ["paused", "completed"]
+
+    sb = sandbox_factory(unknown_status_rate=1.0, unknown_status_calls=0)
+    assert status(http, sb, submit_ok(http, sb, "company", domains(1))).json()["status"] == (
+        "completed"
+    )
+
+
+@pytest.mark.parametrize("knob", DRIFT_KNOBS)
+def test_drift_is_reproducible_from_seed(
+    sandbox_factory: Factory, http: httpx.Client, knob: str
+) -> None:
+    def drifted_jobs(seed: int) -> list[bool]:
+        sb = sandbox_factory(seed=seed, **{knob: 0.5})
+        out = []
+        for i in range(16):
+            records = domains(3, f"r{i}-")
+            job_id = submit_ok(http, sb, "company", records)
+            if knob in ("status_404_first_rate", "unknown_status_rate"):
+                r = status(http, sb, job_id)
+                out.append(r.status_code == 404 or r.json()["status"] == "paused")
+            else:
+                out.append(results_drifted(records, results(http, sb, job_id).json()))
+        return out
+
+    first = drifted_jobs(11)
+    assert first == drifted_jobs(11)
+    assert True in first and False in first
+
+
+def test_odd_job_ids_route_when_percent_encoded(
+    sandbox_factory: Factory, http: httpx.Client, bare: httpx.Client
+) -> None:
+    sb = sandbox_factory(job_id_style="odd")
+    a = submit_ok(http, sb, "company", domains(2))
+    b = submit_ok(http, sb, "company", domains(3, "b"))
+    assert a != b and not re.match(JOB_ID_PATTERN, a)
+    assert set("-.:/ +%") <= set(a)
+    for job_id, n in ((a, 2), (b, 3)):
+        segment = quote(job_id, safe="")
+        assert "%2F" in segment
+        r = status(http, sb, segment)
+        assert r.status_code == 200 and r.json()["job_id"] == job_id
+        assert r.json()["total_records"] == n
+        body = results(http, sb, segment).json()
+        assert body["job_id"] == job_id and len(body["results"]) == n
+    # Left unencoded, the "/" splits the path and the "%xx" decodes to another id.
+    assert status(http, sb, a).status_code == 404
+    r = status(http, sb, quote(a, safe="%"))
+    assert r.status_code == 404 and error_of(r)["code"] == "job_not_found"
+    # The sandbox controls take the same encoding.
+    assert bare.post(f"{sb.root_url}/_sandbox/expire/{quote(a, safe='')}").status_code == 200
+    assert results(http, sb, quote(a, safe="")).status_code == 410
+    sb.expire(b)
+    assert results(http, sb, quote(b, safe="")).status_code == 410
+    usage = bare.get(f"{sb.root_url}/_sandbox/usage").json()
+    assert usage["jobs_created"] == 2 and usage["jobs"]["completed"] == 2
+
+
+def test_default_job_ids_are_unchanged(sandbox: Sandbox, http: httpx.Client) -> None:
+    assert re.fullmatch(r"job_[0-9a-f]{24}", submit_ok(http, sandbox, "company", domains(1)))
+
+
+def test_submit_answer_delay_bills_before_answering(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(submit_answer_delay_seconds=0.5)
+    answers: list[httpx.Response] = []
+
+    def run() -> None:
+        with httpx.Client(headers=HEADERS, timeout=10) as c:
+            answers.append(submit(c, sb, "company", domains(2)))
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    while sb.usage()["jobs_created"] == 0:
+        assert time.monotonic() - start < 0.4, "the job is created before the delay"
+        time.sleep(0.01)
+    assert sb.usage()["records_billed"] == 2 and thread.is_alive()  # billed, unanswered
+    thread.join(5)
+    assert time.monotonic() - start >= 0.5
+    assert answers[0].status_code == 200
+    with httpx.Client(headers=HEADERS, timeout=10) as c:
+        start = time.monotonic()
+        assert submit(c, sb, "nope", domains(1)).status_code == 400  # no job, no delay
+        assert status(c, sb, answers[0].json()["job_id"]).status_code == 200
+        assert time.monotonic() - start < 0.4
+
+
+def test_submit_answer_delay_applies_to_lost_answers(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(transient_error_rate=1.0, submit_answer_delay_seconds=0.2, seed=1)
+    slow = 0
+    with httpx.Client(headers=HEADERS, timeout=10) as c:
+        for i in range(12):
+            start = time.monotonic()
+            submit(c, sb, "company", domains(1, f"l{i}-"))
+            slow += time.monotonic() - start >= 0.2
+    assert slow == sb.usage()["lost_answers"] > 0
+
+
+def test_stop_during_a_delayed_submit_answer(sandbox_factory: Factory) -> None:
+    sb = sandbox_factory(submit_answer_delay_seconds=30)
+    errors: list[Exception] = []
+
+    def run() -> None:
+        with httpx.Client(headers=HEADERS, timeout=10) as c:
+            try:
+                submit(c, sb, "company", domains(2))
+            except httpx.TransportError as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while sb.usage()["jobs_created"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    sb.stop()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - start < 5
+    assert len(errors) == 1  # no answer at all
+    assert sb.usage()["records_billed"] == 2
+
+
+def test_failed_per_key_counts_billings_in_failed_jobs(
+    sandbox_factory: Factory, http: httpx.Client, fake_clock: Any
+) -> None:
+    sb = sandbox_factory(failure_rate=0.5, job_seconds_base=1, seed=3, clock=fake_clock)
+    shared = {"domain": "shared.com"}
+    ids = [submit_ok(http, sb, "company", [shared, {"domain": f"x{i}.com"}]) for i in range(10)]
+    assert sb.usage()["failed_per_key"] == {}  # nothing has finished yet
+    fake_clock.advance(1)
+    failed = [status(http, sb, j).json()["status"] for j in ids].count("failed")
+    assert 0 < failed < 10
+    usage = sb.usage()
+    assert usage["billed_per_key"]['{"domain":"shared.com"}'] == 10
+    assert usage["failed_per_key"]['{"domain":"shared.com"}'] == failed
+    assert sum(usage["failed_per_key"].values()) == 2 * failed
+    sb.reset_usage()
+    assert sb.usage()["failed_per_key"] == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        *[{knob: 1.5} for knob in DRIFT_KNOBS],
+        *[{knob: -0.1} for knob in DRIFT_KNOBS],
+        {"unknown_status_calls": -1},
+        {"job_id_style": "weird"},
+        {"submit_answer_delay_seconds": -1},
+    ],
+)
+def test_drift_knob_validation(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        Sandbox(**kwargs)
+
+
+def test_cli_flags_set_every_drift_knob() -> None:
+    args = build_parser().parse_args(
+        [
+            "--short-results-rate",
+            "0.1",
+            "--bad-index-rate",
+            "0.2",
+            "--wrong-echo-rate",
+            "0.3",
+            "--status-404-first-rate",
+            "0.4",
+            "--unknown-status-rate",
+            "0.5",
+            "--unknown-status-calls",
+            "3",
+            "--job-id-style",
+            "odd",
+            "--submit-answer-delay-seconds",
+            "1.5",
+        ]
+    )
+    config = sandbox_from_args(args).config
+    assert (
+        config.short_results_rate,
+        config.bad_index_rate,
+        config.wrong_echo_rate,
+        config.status_404_first_rate,
+        config.unknown_status_rate,
+        config.unknown_status_calls,
+        config.job_id_style,
+        config.submit_answer_delay_seconds,
+    ) == (0.1, 0.2, 0.3, 0.4, 0.5, 3, "odd", 1.5)
+    defaults = sandbox_from_args(build_parser().parse_args([])).config
+    assert defaults == Sandbox().config  # the CLI's defaults are the constructor's
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from apione_source.errors import ConfigurationError
+from apione_source.sandbox.engine import JOB_ID_STYLES
 from apione_source.sandbox.server import Sandbox
 from apione_source.settings import PLANS
 
@@ -53,6 +54,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--retention-seconds", type=float, default=None, help="default: the plan's retention"
     )
     p.add_argument("--record-error-rate", type=float, default=0.0)
+    drift = p.add_argument_group(
+        "contract drift", "each rate is a share of jobs, drawn reproducibly from --seed"
+    )
+    drift.add_argument(
+        "--short-results-rate", type=float, default=0.0, help="results lack their last record"
+    )
+    drift.add_argument(
+        "--bad-index-rate", type=float, default=0.0, help="one result has a wrong index"
+    )
+    drift.add_argument(
+        "--wrong-echo-rate", type=float, default=0.0, help="one result echoes another input"
+    )
+    drift.add_argument(
+        "--status-404-first-rate",
+        type=float,
+        default=0.0,
+        help="the first status call answers 404 job_not_found",
+    )
+    drift.add_argument(
+        "--unknown-status-rate",
+        type=float,
+        default=0.0,
+        help='the first --unknown-status-calls status answers say "paused"',
+    )
+    drift.add_argument("--unknown-status-calls", type=int, default=2)
+    drift.add_argument(
+        "--job-id-style",
+        default="default",
+        choices=JOB_ID_STYLES,
+        help="odd: ids with '-', '.', ':', '/', ' ', '+', '%%' needing URL encoding",
+    )
+    drift.add_argument(
+        "--submit-answer-delay-seconds",
+        type=float,
+        default=0.0,
+        help="answer a submit this late, after its job is created and billed",
+    )
     p.add_argument(
         "--request-timeout-seconds",
         type=float,
@@ -92,6 +130,14 @@ def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
         latency_seconds=args.latency_seconds,
         retention_seconds=args.retention_seconds,
         record_error_rate=args.record_error_rate,
+        short_results_rate=args.short_results_rate,
+        bad_index_rate=args.bad_index_rate,
+        wrong_echo_rate=args.wrong_echo_rate,
+        status_404_first_rate=args.status_404_first_rate,
+        unknown_status_rate=args.unknown_status_rate,
+        unknown_status_calls=args.unknown_status_calls,
+        job_id_style=args.job_id_style,
+        submit_answer_delay_seconds=args.submit_answer_delay_seconds,
         request_timeout_seconds=args.request_timeout_seconds or None,
         webhook_secret=args.webhook_secret,
         webhook_retry_base_seconds=args.webhook_retry_base_seconds,

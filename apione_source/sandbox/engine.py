@@ -18,16 +18,15 @@ import re
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
 from apione_source.models import EnrichmentType, JobStatus, RecordStatus
 from apione_source.sandbox import data
-from apione_source.settings import JOB_ID_PATTERN, Plan
+from apione_source.settings import Plan
 
-_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _TYPES = frozenset(t.value for t in EnrichmentType)
 _FAULTS = (
     (500, "internal_error", "an internal error occurred; retry with backoff"),
@@ -35,6 +34,8 @@ _FAULTS = (
     (429, "rate_limited", "too many requests; retry after the Retry-After delay"),
 )
 _REJECT_KEYS = ("400", "401", "413", "429", "transient")
+JOB_ID_STYLES = ("default", "odd")
+UNKNOWN_STATUS = "paused"  # the status value answered by ``unknown_status_rate`` jobs
 MAX_BODY_DEPTH = 64  # deeper JSON is refused: records are flat, and results echo them
 _URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f]")
 
@@ -55,6 +56,14 @@ class SandboxConfig:
     latency_seconds: float = 0.0
     retention_seconds: float | None = None
     record_error_rate: float = 0.0
+    short_results_rate: float = 0.0
+    bad_index_rate: float = 0.0
+    wrong_echo_rate: float = 0.0
+    status_404_first_rate: float = 0.0
+    unknown_status_rate: float = 0.0
+    unknown_status_calls: int = 2
+    job_id_style: str = "default"
+    submit_answer_delay_seconds: float = 0.0
     request_timeout_seconds: float | None = 30.0
     seed: int = 0
 
@@ -73,6 +82,7 @@ class Reply:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    billed: bool = False  # a submit that created (and billed) a job, whatever the answer
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,10 @@ class _Job:
     processed_at_failure: int
     expires_at: float | None
     expired: bool = False
+    # Contract drift drawn at submit from ``salt`` (see the ``*_rate`` knobs).
+    status_404_first: bool = False
+    unknown_status: bool = False
+    status_calls: int = 0  # authorized, unfaulted status calls naming this job
     results_body: bytes | None = None
     results_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -246,7 +260,9 @@ class Engine:
 
         A transient fault never creates a job, except that half of the injected 500s
         happen *after* a successful submit: the job exists (and is billed) but the
-        answer is lost, which is what a client sees after a read timeout.
+        answer is lost, which is what a client sees after a read timeout. The reply's
+        ``billed`` tells the HTTP layer a job was created (it then applies
+        ``submit_answer_delay_seconds``).
 
         Args:
             api_key: The ``X-API-Key`` header, or None.
@@ -266,7 +282,7 @@ class Engine:
         if fault is not None and reply.status == 200:
             with self._lock:
                 self._lost_answers += 1
-            return self._fault_reply(fault)
+            return replace(self._fault_reply(fault), billed=True)
         # A submit rejected on its merits gets its real answer: only successes get lost.
         return reply
 
@@ -323,6 +339,7 @@ class Engine:
                     "total_records": len(records),
                 }
             ),
+            billed=True,
         )
 
     def _new_job(
@@ -344,7 +361,7 @@ class Engine:
         # Ids are random so they stay unique across sandbox restarts; everything that
         # must be reproducible hashes ``salt`` instead.
         return _Job(
-            job_id="job_" + secrets.token_hex(12),
+            job_id=_new_job_id(cfg.job_id_style),
             type=enrichment_type,
             records=records,
             keys=keys,
@@ -357,14 +374,17 @@ class Engine:
             failed=failed,
             processed_at_failure=int(len(records) * fraction) if failed else 0,
             expires_at=None if failed else finished + cfg.retention,
+            status_404_first=_drawn(cfg.status_404_first_rate, "status_404_first", salt),
+            unknown_status=_drawn(cfg.unknown_status_rate, "unknown_status", salt),
         )
 
     # --- status and results ------------------------------------------------------------
 
     def _lookup(self, job_id: str) -> _Job | Reply:
-        job = self._jobs.get(job_id) if _JOB_ID_RE.match(job_id) else None
+        # Any string may name a job (``job_id_style="odd"``); unknown ones are 404.
+        job = self._jobs.get(job_id)
         if job is None:
-            return error_reply(404, "job_not_found", f"no job {job_id!r} for this API key")
+            return _job_not_found(job_id)
         return job
 
     @staticmethod
@@ -387,9 +407,15 @@ class Engine:
     def status(self, api_key: str | None, job_id: str) -> Reply:
         """Handle ``GET /async/status/{job_id}``.
 
+        Contract drift: a job drawn by ``status_404_first_rate`` answers its first
+        status call 404 ``job_not_found``; a job drawn by ``unknown_status_rate``
+        answers ``"status": "paused"`` (every other field true) on its first
+        ``unknown_status_calls`` status answers that are not that 404. Only calls that
+        reach the job count: transient faults and 401s do not.
+
         Args:
             api_key: The ``X-API-Key`` header, or None.
-            job_id: The path parameter (validated here; malformed ids are 404).
+            job_id: The path parameter, decoded (unknown ids are 404).
 
         Returns:
             The reply; the body is the Job object.
@@ -404,7 +430,15 @@ class Engine:
             found = self._lookup(job_id)
             if isinstance(found, Reply):
                 return found
-            return Reply(200, _json(self._job_view(found, self._now_locked())))
+            job = found
+            job.status_calls += 1
+            if job.status_404_first and job.status_calls == 1:
+                return _job_not_found(job_id)  # a replica that has not seen the job yet
+            view = self._job_view(job, self._now_locked())
+            answered = job.status_calls - (1 if job.status_404_first else 0)
+            if job.unknown_status and answered <= self.config.unknown_status_calls:
+                view["status"] = UNKNOWN_STATUS
+            return Reply(200, _json(view))
 
     def results(self, api_key: str | None, job_id: str) -> Reply:
         """Handle ``GET /async/results/{job_id}``.
@@ -460,6 +494,31 @@ class Engine:
             return job.results_body
 
     def _build_results(self, job: _Job) -> list[dict[str, Any]]:
+        return self._drift(job, self._true_results(job))
+
+    def _drift(self, job: _Job, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Apply the results drift knobs drawn for this job (none by default).
+
+        In this order: ``short_results_rate`` drops the last result;
+        ``wrong_echo_rate`` replaces one result's ``input``; ``bad_index_rate`` gives
+        one result a wrong ``index``. Which result and which variant are hashed from
+        the job's salt, so the same seed gives the same drift.
+        """
+        cfg, salt, n = self.config, job.salt, len(job.records)
+        if _drawn(cfg.short_results_rate, "short_results", salt):
+            out = out[:-1]
+        if out and _drawn(cfg.wrong_echo_rate, "wrong_echo", salt):
+            at = int(data.unit_hash("wrong_echo_at", salt) * len(out))
+            out[at]["input"] = _wrong_echo(job.records, at)
+        if out and _drawn(cfg.bad_index_rate, "bad_index", salt):
+            at = int(data.unit_hash("bad_index_at", salt) * len(out))
+            if len(out) > 1 and data.unit_hash("bad_index_kind", salt) < 0.5:
+                out[at]["index"] = out[(at + 1) % len(out)]["index"]  # a duplicate
+            else:
+                out[at]["index"] = n  # one past the last: out of range
+        return out
+
+    def _true_results(self, job: _Job) -> list[dict[str, Any]]:
         build = data.PAYLOAD_BUILDERS[job.type]
         error_rate = self.config.record_error_rate
         out: list[dict[str, Any]] = []
@@ -553,19 +612,27 @@ class Engine:
         """Snapshot the usage counters.
 
         Returns:
-            The ``/_sandbox/usage`` document (see docs/INTERFACES.md), plus
-            ``lost_answers``: submits that created a job but were answered 500.
+            The ``/_sandbox/usage`` document (see docs/INTERFACES.md), including
+            ``lost_answers`` (submits that created a job but were answered 500) and
+            ``failed_per_key`` (per billed key, its billings in jobs that ended
+            ``failed``; keys never in a failed job are absent).
         """
         with self._lock:
             now = self._now_locked()
             jobs = {s.value: 0 for s in JobStatus}
+            failed_per_key: dict[str, int] = {}
             for job in self._jobs.values():
                 if job.generation == self._generation:
-                    jobs[job.status(now).value] += 1
+                    status = job.status(now)
+                    jobs[status.value] += 1
+                    if status is JobStatus.FAILED:
+                        for key in job.keys:
+                            failed_per_key[key] = failed_per_key.get(key, 0) + 1
             return {
                 "jobs_created": self._jobs_created,
                 "records_billed": self._records_billed,
                 "billed_per_key": dict(self._billed),
+                "failed_per_key": failed_per_key,
                 "status_calls": self._status_calls,
                 "results_calls": self._results_calls,
                 "submit_calls": self._submit_calls,
@@ -575,6 +642,42 @@ class Engine:
                 "jobs": jobs,
                 "lost_answers": self._lost_answers,
             }
+
+
+def _drawn(rate: float, name: str, salt: str) -> bool:
+    """Draw a per-job event of probability ``rate``, reproducibly from the job's salt."""
+    return rate > 0 and data.unit_hash(name, salt) < rate
+
+
+def _new_job_id(style: str) -> str:
+    token = secrets.token_hex(12)
+    if style == "odd":
+        # Outside ``^job_[A-Za-z0-9]+$`` and needing path-segment encoding: "-", ".",
+        # ":", "/", " ", "+" and a "%" followed by two hex digits (so a client that
+        # does not encode it sends a valid escape of another id).
+        t = token
+        return f"job-{t[:6]}.{t[6:10]}:{t[10:14]}/{t[14:18]} {t[18:20]}+%{t[20:24]}"
+    return "job_" + token
+
+
+def _job_not_found(job_id: str) -> Reply:
+    return error_reply(404, "job_not_found", f"no job {job_id!r} for this API key")
+
+
+def _wrong_echo(records: list[dict[str, Any]], at: int) -> dict[str, Any]:
+    """Build a wrong ``input`` echo for ``records[at]``.
+
+    The next record when it differs, else the record with its first string field (by
+    name) prefixed ``wrong-``, else the record plus ``"_echo": "wrong"``.
+    """
+    record = records[at]
+    other = records[(at + 1) % len(records)]
+    if other != record:
+        return other
+    for name in sorted(record):
+        if isinstance(record[name], str):
+            return {**record, name: "wrong-" + record[name]}
+    return {**record, "_echo": "wrong"}
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

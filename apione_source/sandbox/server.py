@@ -7,6 +7,8 @@ Routes (``<root>`` is ``http://host:port``):
 * ``GET <root>/_sandbox/usage``, ``POST <root>/_sandbox/expire/{job_id}``,
   ``POST <root>/_sandbox/reset``: sandbox controls, no auth, never faulted or delayed.
 
+``{job_id}`` is one percent-encoded path segment: the raw path is split on ``/`` first
+and the segment decoded after, so ids holding ``/`` (sent as ``%2F``) route correctly.
 Every error answer, including those of the HTTP layer itself (a malformed request
 line, an unsupported method, a stalled upload), is the JSON error envelope.
 """
@@ -25,11 +27,17 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from apione_source.errors import ConfigurationError
 from apione_source.sandbox.delivery import WebhookDispatcher
-from apione_source.sandbox.engine import Engine, Reply, SandboxConfig, error_reply
+from apione_source.sandbox.engine import (
+    JOB_ID_STYLES,
+    Engine,
+    Reply,
+    SandboxConfig,
+    error_reply,
+)
 from apione_source.settings import API_KEY_HEADER, get_plan
 
 _API = "/api/v1/async/"
@@ -63,7 +71,9 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.engine = engine
         self.latency = engine.config.latency_seconds
+        self.submit_answer_delay = engine.config.submit_answer_delay_seconds
         self.request_timeout = engine.config.request_timeout_seconds
+        self.stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
 
@@ -90,6 +100,7 @@ class _Server(ThreadingHTTPServer):
 
     def close_connections(self) -> None:
         """Cut open keep-alive connections, so a stopped sandbox really stops answering."""
+        self.stopping.set()  # ends submit answer delays at once
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
@@ -169,14 +180,18 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(body, Reply):
             self._send(body)
             return
-        path = urlsplit(self.path).path
+        # Route on the raw path: split on "/" first, decode each segment after.
+        path = self.path.partition("?")[0].partition("#")[0]
         try:
             if path.startswith(_API):
                 if server.latency > 0:
                     time.sleep(server.latency)
-                reply = self._api(server.engine, method, path[len(_API) :], body)
+                reply = self._api(server.engine, method, path[len(_API) :].split("/"), body)
+                if reply.billed and server.submit_answer_delay > 0:
+                    # The job exists and is billed; only the answer is late.
+                    server.stopping.wait(server.submit_answer_delay)
             elif path.startswith(_CONTROL):
-                reply = self._control(server.engine, method, path[len(_CONTROL) :])
+                reply = self._control(server.engine, method, path[len(_CONTROL) :].split("/"))
             else:
                 reply = error_reply(404, "not_found", "no such route")
         except Exception:
@@ -185,32 +200,31 @@ class _Handler(BaseHTTPRequestHandler):
             reply = error_reply(500, "internal_error", "the sandbox failed; see its stderr")
         self._send(reply)
 
-    def _api(self, engine: Engine, method: str, route: str, body: bytes) -> Reply:
+    def _api(self, engine: Engine, method: str, route: list[str], body: bytes) -> Reply:
         api_key = self.headers.get(API_KEY_HEADER)
-        if route == "enrich":
+        if route == ["enrich"]:
             if method != "POST":
                 return _method_not_allowed()
             return engine.submit(api_key, body)
-        kind, _, job_id = route.partition("/")
-        if kind in ("status", "results") and job_id:
+        if len(route) == 2 and route[0] in ("status", "results") and route[1]:
             if method != "GET":
                 return _method_not_allowed()
-            job_id = unquote(job_id)
-            if kind == "status":
+            job_id = unquote(route[1])
+            if route[0] == "status":
                 return engine.status(api_key, job_id)
             return engine.results(api_key, job_id)
         return error_reply(404, "not_found", "no such endpoint")
 
     @staticmethod
-    def _control(engine: Engine, method: str, route: str) -> Reply:
+    def _control(engine: Engine, method: str, route: list[str]) -> Reply:
         ok = Reply(200, b'{"status":"success"}')
-        if route == "usage" and method == "GET":
+        if route == ["usage"] and method == "GET":
             return Reply(200, json.dumps(engine.usage()).encode("utf-8"))
-        if route == "reset" and method == "POST":
+        if route == ["reset"] and method == "POST":
             engine.reset_usage()
             return ok
-        if route.startswith("expire/") and method == "POST":
-            job_id = unquote(route[len("expire/") :])
+        if len(route) == 2 and route[0] == "expire" and route[1] and method == "POST":
+            job_id = unquote(route[1])
             if engine.expire(job_id):
                 return ok
             return error_reply(404, "job_not_found", f"no job {job_id!r}")
@@ -256,17 +270,48 @@ class Sandbox:
         latency_seconds: Delay added before answering each API request.
         retention_seconds: Results retention; None uses the plan's.
         record_error_rate: Share of records whose result is ``error`` (per job).
+        short_results_rate: Share of jobs whose results (and webhook) lack their last
+            result; ``total_records`` still counts it.
+        bad_index_rate: Share of jobs where one result carries a wrong ``index``:
+            either a duplicate of the next result's index or ``total_records`` (out of
+            range; always so when only one result is left).
+        wrong_echo_rate: Share of jobs where one result's ``input`` is not the record
+            sent: the next record of the job when it differs, else the record with its
+            first string field (by name) prefixed ``wrong-``, else the record plus
+            ``"_echo": "wrong"``. The result's ``data`` stays that of the sent record.
+        status_404_first_rate: Share of jobs whose first status call (that reaches
+            the job: not faulted, authorized) answers 404 ``job_not_found``, like a
+            replica that has not seen the job yet; later calls answer normally.
+            Results calls are not affected.
+        unknown_status_rate: Share of jobs whose first ``unknown_status_calls`` status
+            answers (not counting a ``status_404_first_rate`` 404) say
+            ``"status": "paused"``, a value outside the contract; every other field
+            is true. Later answers are normal.
+        unknown_status_calls: How many status answers say ``paused`` for those jobs.
+        job_id_style: ``"default"`` (``job_`` + 24 hex digits) or ``"odd"``: ids
+            outside ``^job_[A-Za-z0-9]+$`` that need path-segment encoding, e.g.
+            ``job-1a2b3c.4d5e:6f70/8192 a3+%b4c5`` ("-", ".", ":", "/", " ", "+",
+            "%"). The server decodes the id segment after splitting the path, so
+            ``/async/status/job-1a2b3c.4d5e%3A6f70%2F8192%20a3%2B%25b4c5`` works.
+        submit_answer_delay_seconds: After a submit created (and billed) its job, wait
+            this long before answering (cut short by ``stop()``, which then sends no
+            answer). Applies to lost-answer 500s too.
         request_timeout_seconds: Socket timeout of each connection: a client that
             stalls mid-request (or a keep-alive connection idle this long) is answered
             408 ``request_timeout`` when possible and closed. None waits forever.
         webhook_secret: Secret signing webhook deliveries.
         webhook_retry_base_seconds: First webhook retry delay; doubles each retry.
-        seed: Seed of every reproducible choice (faults, failures, record errors).
+        seed: Seed of every reproducible choice (faults, failures, record errors, and
+            which jobs get each contract drift above).
         clock: Unix time source; inject a fake one to drive jobs without sleeping.
 
+    Every drift rate is drawn per job from ``seed`` and the job's sequence number, so
+    the same seed and the same submits give the same drift. All default to today's
+    contract-abiding behaviour.
+
     Raises:
-        ConfigurationError: Unknown plan, a rate outside ``[0, 1]``, a negative
-            duration or a non-positive request timeout.
+        ConfigurationError: Unknown plan or job id style, a rate outside ``[0, 1]``,
+            a negative duration or count, or a non-positive request timeout.
     """
 
     def __init__(
@@ -286,6 +331,14 @@ class Sandbox:
         latency_seconds: float = 0.0,
         retention_seconds: float | None = None,
         record_error_rate: float = 0.0,
+        short_results_rate: float = 0.0,
+        bad_index_rate: float = 0.0,
+        wrong_echo_rate: float = 0.0,
+        status_404_first_rate: float = 0.0,
+        unknown_status_rate: float = 0.0,
+        unknown_status_calls: int = 2,
+        job_id_style: str = "default",
+        submit_answer_delay_seconds: float = 0.0,
         request_timeout_seconds: float | None = 30.0,
         webhook_secret: str = "whsec_sandbox",
         webhook_retry_base_seconds: float = 1.0,
@@ -296,10 +349,30 @@ class Sandbox:
             ("failure_rate", failure_rate),
             ("transient_error_rate", transient_error_rate),
             ("record_error_rate", record_error_rate),
+            ("short_results_rate", short_results_rate),
+            ("bad_index_rate", bad_index_rate),
+            ("wrong_echo_rate", wrong_echo_rate),
+            ("status_404_first_rate", status_404_first_rate),
+            ("unknown_status_rate", unknown_status_rate),
         ):
             _check_rate(name, rate)
-        if min(job_seconds_base, job_seconds_per_record, queue_seconds, time_scale) < 0:
+        durations = (
+            job_seconds_base,
+            job_seconds_per_record,
+            queue_seconds,
+            time_scale,
+            submit_answer_delay_seconds,
+        )
+        if min(durations) < 0:
             raise ConfigurationError("durations and time_scale must not be negative")
+        if unknown_status_calls < 0:
+            raise ConfigurationError(
+                f"unknown_status_calls must not be negative, got {unknown_status_calls}"
+            )
+        if job_id_style not in JOB_ID_STYLES:
+            raise ConfigurationError(
+                f"job_id_style must be one of {', '.join(JOB_ID_STYLES)}, got {job_id_style!r}"
+            )
         if request_timeout_seconds is not None and not request_timeout_seconds > 0:
             raise ConfigurationError(
                 f"request_timeout_seconds must be positive or None, got {request_timeout_seconds}"
@@ -317,6 +390,14 @@ class Sandbox:
             latency_seconds=latency_seconds,
             retention_seconds=retention_seconds,
             record_error_rate=record_error_rate,
+            short_results_rate=short_results_rate,
+            bad_index_rate=bad_index_rate,
+            wrong_echo_rate=wrong_echo_rate,
+            status_404_first_rate=status_404_first_rate,
+            unknown_status_rate=unknown_status_rate,
+            unknown_status_calls=unknown_status_calls,
+            job_id_style=job_id_style,
+            submit_answer_delay_seconds=submit_answer_delay_seconds,
             request_timeout_seconds=request_timeout_seconds,
             seed=seed,
         )
