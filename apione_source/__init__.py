@@ -13,15 +13,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from apione_source.client import ApiOneClient, AsyncApiOneClient
-    from apione_source.source import apione, run_enrichment
+    from apione_source.run import summary_text
+    from apione_source.source import apione, run_enrichment, run_summaries
 
-__all__ = ["ApiOneClient", "AsyncApiOneClient", "apione", "run_enrichment"]
+__all__ = [
+    "ApiOneClient",
+    "AsyncApiOneClient",
+    "apione",
+    "run_enrichment",
+    "run_summaries",
+    "summary_text",
+]
 
 _EXPORTS = {
     "ApiOneClient": "apione_source.client",
     "AsyncApiOneClient": "apione_source.client",
     "apione": "apione_source.source",
     "run_enrichment": "apione_source.source",
+    "run_summaries": "apione_source.source",
+    "summary_text": "apione_source.run",
 }
 
 

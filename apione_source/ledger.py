@@ -166,3 +166,22 @@ def in_flight_job_row(entry: Entry, type_: str, load_id: str) -> dict[str, Any]:
         "submitted_in_load": entry.sent_in_load,
         "updated_in_load": load_id,
     }
+
+
+def run_row(
+    load_id: str,
+    pipeline_name: str,
+    type_: str,
+    started_at: datetime,
+    finished_at: datetime,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``<prefix>runs`` row of one run: its summary, for dashboards and alerts."""
+    return {
+        "load_id": load_id,
+        "pipeline_name": pipeline_name,
+        "type": type_,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        **summary,
+    }

@@ -70,6 +70,10 @@ from apione_source.scheduler import COMPLETED, Finished, JobScheduler, Scheduler
 from apione_source.tables import FINAL_STATUSES, TableNames, enrichment_row, utc_from_timestamp
 
 logger = logging.getLogger("apione_source")
+# Each run's summary goes through dlt's own log handler (a child of its logger) at INFO,
+# shown even where dlt's own level is WARNING, the shipped default.
+summary_logger = logging.getLogger("dlt.apione")
+summary_logger.setLevel(logging.INFO)
 
 _T = TypeVar("_T")
 
@@ -103,35 +107,83 @@ class RunSettings:
     scd2: bool = False
 
 
+def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
+    counts[reason] = counts.get(reason, 0) + n
+
+
 @dataclass
 class RunStats:
-    """Counters of one run, logged as progress and at the end."""
+    """What one run did: logged as progress, and at the end as its summary.
+
+    The summary goes to the log (dlt's logger), to dlt's trace (the resource's custom
+    metrics) and to the ``<prefix>runs`` table.
+    """
 
     rows_read: int = 0
-    rejected: int = 0
-    reused: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> input rows
+    already_fresh: int = 0  # rows whose key has a fresh outcome: nothing sent
+    reused: int = 0  # of those, rows new to their key: outcome written, nothing paid
     jobs_submitted: int = 0
-    records_submitted: int = 0
+    records_submitted: int = 0  # billed, at most (plus the records of lost submits)
     jobs_done: int = 0
     records_collected: int = 0
-    resubmitted: int = 0
+    resubmitted: dict[str, int] = field(default_factory=dict)  # reason -> records resent
     spent: dict[str, int] = field(default_factory=dict)  # reason -> jobs (incl. lost)
-    mismatched: int = 0
-    deferred: int = 0
-
-    @property
-    def lost_answers(self) -> int:
-        """Submits whose answer was lost (each may have been paid)."""
-        return self.spent.get(LOST, 0)
+    mismatched: int = 0  # jobs whose results did not line up with what was sent
+    deferred: int = 0  # jobs that answered outside the contract (kept for later)
+    carried_over: int = 0  # jobs still running at the end
 
     def line(self, running: int) -> str:
         """One progress line."""
         return (
             f"jobs submitted {self.jobs_submitted} running {running} done {self.jobs_done} | "
             f"records submitted {self.records_submitted} collected {self.records_collected} "
-            f"resubmitted {self.resubmitted} | "
-            f"rows read {self.rows_read} rejected {self.rejected} already known {self.reused}"
+            f"resubmitted {sum(self.resubmitted.values())} | rows read {self.rows_read} "
+            f"rejected {sum(self.rejected.values())} already fresh {self.already_fresh}"
         )
+
+    def summary(self) -> dict[str, Any]:
+        """Every counter, JSON-safe (``*_by_reason`` are dicts)."""
+        return {
+            "rows_read": self.rows_read,
+            "rows_rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "rows_already_fresh": self.already_fresh,
+            "jobs_submitted": self.jobs_submitted,
+            "records_submitted": self.records_submitted,
+            "records_collected": self.records_collected,
+            "records_resubmitted": sum(self.resubmitted.values()),
+            "resubmitted_by_reason": dict(sorted(self.resubmitted.items())),
+            "jobs_spent_by_reason": dict(sorted(self.spent.items())),
+            "jobs_mismatched": self.mismatched,
+            "jobs_deferred": self.deferred,
+            "jobs_carried_over": self.carried_over,
+        }
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """A run's :meth:`RunStats.summary` as one line for people."""
+    parts = [
+        f"rows read {summary['rows_read']}",
+        f"rejected {_with_reasons(summary['rejected_by_reason'])}",
+        f"already fresh {summary['rows_already_fresh']}",
+        f"submitted {summary['records_submitted']} records in {summary['jobs_submitted']} jobs",
+        f"collected {summary['records_collected']}",
+        f"resubmitted {_with_reasons(summary['resubmitted_by_reason'])}",
+        f"jobs carried over {summary['jobs_carried_over']}",
+    ]
+    if summary["jobs_mismatched"] or summary["jobs_deferred"]:
+        parts.append(
+            f"jobs mismatched {summary['jobs_mismatched']} deferred {summary['jobs_deferred']}"
+        )
+    return ", ".join(parts)
+
+
+def _with_reasons(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    return f"{total} ({', '.join(f'{r} {n}' for r, n in sorted(counts.items()))})"
 
 
 @dataclass
@@ -247,6 +299,7 @@ class EnrichmentRun:
                 "every record is enriched (and paid for) again"
             )
         self.load_id: str = dlt.current.load_package_state()["load_id"]
+        self.started_at = self._now()
         self.state: dict[str, Any] = dlt.current.resource_state()
         names = self.s.names
         self.reader.check()  # here, not when the source is built: that touches nothing
@@ -453,7 +506,7 @@ class EnrichmentRun:
     ) -> str:
         """Decide what one input row needs. Each primary key is read once per run."""
         if row.pk is None:
-            self.stats.rejected += 1
+            _bump(self.stats.rejected, "null_primary_key")
             detail = "the primary key column is NULL: the row cannot be traced"
             rejected.append(
                 ledger.rejected_row(NULL_PK, "null_primary_key", detail, now, self.load_id)
@@ -461,7 +514,7 @@ class EnrichmentRun:
             return "rejected"
         norm = normalize_record(self.s.enrichment_type, row.values)
         if not isinstance(norm, Normalized):
-            self.stats.rejected += 1
+            _bump(self.stats.rejected, norm.reason)
             rejected.append(
                 ledger.rejected_row(row.pk, norm.reason, norm.detail, now, self.load_id)
             )
@@ -481,6 +534,7 @@ class EnrichmentRun:
             return "in_flight"
         ks = self.known.keys.get(key)
         if ks is not None and self.known.is_fresh(key, now, self.s.ttls):
+            self.stats.already_fresh += 1
             if row.pk not in ks.pks:
                 # A new row for a key already enriched: trace it, pay nothing.
                 ks.pks.add(row.pk)
@@ -532,8 +586,9 @@ class EnrichmentRun:
             else:
                 exhausted.append(item)
         spent = self.journal.spend(entry, fin.kind, fin.error or fin.kind, resend, self.load_id)
-        self.stats.spent[fin.kind] = self.stats.spent.get(fin.kind, 0) + 1
-        self.stats.resubmitted += len(resend)
+        _bump(self.stats.spent, fin.kind)
+        if resend:
+            _bump(self.stats.resubmitted, fin.kind, len(resend))
         logger.warning(
             "job %s %s (%s): resending %d record(s) (this may cost credits), %d gave up",
             entry.job_id or f"of a lost submit {entry.entry_id}",
@@ -663,8 +718,7 @@ class EnrichmentRun:
 
     def _finish(self) -> Iterator[Any]:
         journal = self.journal
-        still_running = journal.in_phase(IN_FLIGHT)
-        still_running = [e for e in still_running if e not in self.collected]
+        still_running = [e for e in journal.in_phase(IN_FLIGHT) if e not in self.collected]
         if still_running:
             yield self._table(
                 self.s.names.jobs,
@@ -673,6 +727,22 @@ class EnrichmentRun:
                     for e in still_running
                 ],
             )
+        self._sync_stats()
+        self.stats.carried_over = len(still_running)
+        summary = self.stats.summary()
+        yield self._table(
+            self.s.names.runs,
+            [
+                ledger.run_row(
+                    self.load_id,
+                    dlt.current.pipeline().pipeline_name,
+                    self.s.enrichment_type.value,
+                    self.started_at,
+                    self._now(),
+                    summary,
+                )
+            ],
+        )
         # Everything below commits with this extract (dlt state) or points at this load
         # package (journal): no yield after this point.
         journal.collected(self.collected, self.load_id)
@@ -689,9 +759,8 @@ class EnrichmentRun:
             self.state["cursor"] = encode_cursor(min(read_up_to, unsent_cursor))
         if self.wrote_outcomes:
             self.state["has_history"] = True
-        self._sync_stats()
-        running = len(still_running)
-        logger.info("run finished: %s", self.stats.line(running))
+        dlt.current.resource_metrics().update(summary)  # shows in dlt's trace
+        summary_logger.info("%s: %s", self.s.resource_name, summary_text(summary))
         if self.stats.spent:
             # Every way a record can be paid twice: say so where operators look.
             logger.warning(

@@ -264,3 +264,24 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         if cause is None:
             raise
         raise cause from None
+
+
+def run_summaries(pipeline: dlt.Pipeline) -> dict[str, dict[str, Any]]:
+    """What the last run of each enrichment resource did, from dlt's trace.
+
+    The same counters are in the ``<prefix>runs`` table. Format one with
+    :func:`apione_source.run.summary_text`.
+
+    Returns:
+        Resource name (e.g. ``company_enrichment``) -> summary; empty when the last run
+        extracted nothing (it only loaded pending packages, say).
+    """
+    trace = pipeline.last_trace
+    info = trace.last_extract_info if trace else None
+    found: dict[str, dict[str, Any]] = {}
+    for steps in info.metrics.values() if info else ():
+        for step in steps:
+            for name, metrics in step["resource_metrics"].items():
+                if metrics.custom_metrics.get("rows_read") is not None:
+                    found[name] = dict(metrics.custom_metrics)
+    return found

@@ -7,6 +7,7 @@ table                  merge key                  one row per
 ``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
 ``<p><t>_rejected``    ``input_pk``               input row that could not be sent
 ``<p>jobs``            ``job_id``                 ApiOne job (the job ledger, all types)
+``<p>runs``            ``load_id``, ``type``      run of a resource: its summary
 =====================  =========================  ========================================
 
 ``<p>`` is the configurable prefix (default ``apione_``) and ``<t>`` is ``companies``,
@@ -48,6 +49,7 @@ class TableNames:
         """Build the names from ``prefix`` (e.g. ``apione_``)."""
         self.enrichment = f"{prefix}{ENRICHMENT_TABLES[enrichment_type]}"
         self.jobs = f"{prefix}jobs"
+        self.runs = f"{prefix}runs"
         self.outcomes = f"{self.enrichment}_outcomes"
         self.rejected = f"{self.enrichment}_rejected"
         # Not a dlt table: the job journal, written through the SQL client (journal.py).
@@ -119,6 +121,13 @@ OUTCOME_COLUMNS = _columns(
     "outcome_id:text! input_pk:text key:text! job_id:text attempt:bigint status:text! "
     "error:text input:json finished_at:timestamp! submitted_at:timestamp load_id:text"
 )
+RUN_COLUMNS = _columns(
+    "load_id:text! pipeline_name:text type:text started_at:timestamp finished_at:timestamp "
+    "rows_read:bigint rows_rejected:bigint rejected_by_reason:json rows_already_fresh:bigint "
+    "jobs_submitted:bigint records_submitted:bigint records_collected:bigint "
+    "records_resubmitted:bigint resubmitted_by_reason:json jobs_spent_by_reason:json "
+    "jobs_mismatched:bigint jobs_deferred:bigint jobs_carried_over:bigint"
+)
 REJECTED_COLUMNS = _columns(
     "input_pk:text! reason:text! detail:text rejected_at:timestamp! load_id:text"
 )
@@ -169,6 +178,7 @@ def apply_table_hints(
     variants: list[tuple[str, Any, Any, Any]] = [
         (names.enrichment, enrichment_disposition, enrichment_columns(etype), "key"),
         (names.jobs, merge, JOB_COLUMNS, "job_id"),
+        (names.runs, merge, RUN_COLUMNS, ["load_id", "type"]),
         (names.outcomes, merge, OUTCOME_COLUMNS, "outcome_id"),
         (names.rejected, merge, REJECTED_COLUMNS, "input_pk"),
     ]

@@ -14,7 +14,7 @@ import os
 
 import dlt
 
-from apione_source import apione, run_enrichment
+from apione_source import apione, run_enrichment, run_summaries, summary_text
 
 
 def main() -> None:
@@ -23,10 +23,13 @@ def main() -> None:
         pipeline_name=os.environ.get("PIPELINE_NAME", "apione_enrichment"),
         destination=os.environ.get("DESTINATION", "duckdb"),
         dataset_name=os.environ.get("DATASET", "enriched"),
-        progress="log",
+        # system stats need psutil, and without it dlt warns on every run
+        progress=dlt.progress.log(dump_system_stats=False),
     )
     info = run_enrichment(pipeline, apione())
     print(info)
+    for resource, summary in run_summaries(pipeline).items():
+        print(f"{resource}: {summary_text(summary)}")
 
 
 if __name__ == "__main__":

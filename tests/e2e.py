@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -24,6 +27,7 @@ PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
 EMAIL = TableNames("apione_", EnrichmentType.EMAIL)
 
 TEN_KB = "a" * 10_240
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -188,3 +192,34 @@ def assert_one_final_outcome_per_row(
         assert len(finals) == 1, f"input row {pk}: {sorted(attempts)}"
         latest = max(a for a, _ in attempts)
         assert [s for a, s in attempts if a == latest] == [finals[0][1]], sorted(attempts)
+
+
+def enrich_process(
+    env: Env, *, cwd: Path | None = None, api_key: str | None = None, **settings: Any
+) -> subprocess.Popen[str]:
+    """The production script (``pipelines/enrich.py``) in its own process, configured by
+    env vars as a user would; run from ``cwd`` (the repo root uses the shipped .dlt/)."""
+    config = {
+        "SOURCES__APIONE__API_KEY": api_key or env.sandbox.config.api_key,
+        "SOURCES__APIONE__BASE_URL": env.sandbox.base_url,
+        "SOURCES__APIONE__ENRICHMENT_TYPE": "company",
+        "SOURCES__APIONE__INPUT_TABLE": "companies",
+        "SOURCES__APIONE__PRIMARY_KEY": "id",
+        "SOURCES__APIONE__INPUT_DATASET": "crm",
+        "SOURCES__APIONE__INPUT_COLUMNS": '{"domain": "domain"}',
+        "SOURCES__APIONE__INPUT_CREDENTIALS": str(env.warehouse),
+        "DESTINATION__DUCKDB__CREDENTIALS": str(env.out),
+        "PIPELINE_NAME": "apione_e2e",
+        "DLT_DATA_DIR": str(env.tmp / "proc_data"),
+        "RUNTIME__DLTHUB_TELEMETRY": "false",
+    }
+    config.update({f"SOURCES__APIONE__{k.upper()}": str(v) for k, v in settings.items()})
+    environ = {k: v for k, v in os.environ.items() if k not in ("DLT_PROJECT_DIR",)}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "enrich.py")],
+        cwd=cwd or env.tmp,
+        env={**environ, **config},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

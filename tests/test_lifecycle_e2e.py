@@ -6,25 +6,24 @@ sandbox's own per-key billing.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any
 
 import dlt
 import pytest
 
 from apione_source.history import KnownKeys, Ttls, _fold
 from apione_source.journal import IN_FLIGHT, SENDING
-from tests.e2e import COMPANY, Env, assert_one_final_outcome_per_row, open_journal
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.e2e import (
+    COMPANY,
+    Env,
+    assert_one_final_outcome_per_row,
+    enrich_process,
+    open_journal,
+)
 
 
 def _latest_statuses(env: Env) -> dict[str, str]:
@@ -85,33 +84,6 @@ def test_given_two_pipelines_over_the_same_tables_when_one_carries_jobs_then_the
     assert set(_latest_statuses(env)) == {str(i) for i in range(30)}
 
 
-def _enrich_process(env: Env, **settings: Any) -> subprocess.Popen[str]:
-    """The production script in its own process, configured by env vars as a user would."""
-    config = {
-        "SOURCES__APIONE__API_KEY": env.sandbox.config.api_key,
-        "SOURCES__APIONE__BASE_URL": env.sandbox.base_url,
-        "SOURCES__APIONE__ENRICHMENT_TYPE": "company",
-        "SOURCES__APIONE__INPUT_TABLE": "companies",
-        "SOURCES__APIONE__PRIMARY_KEY": "id",
-        "SOURCES__APIONE__INPUT_DATASET": "crm",
-        "SOURCES__APIONE__INPUT_CREDENTIALS": str(env.warehouse),
-        "DESTINATION__DUCKDB__CREDENTIALS": str(env.out),
-        "PIPELINE_NAME": "apione_e2e",
-        "DLT_DATA_DIR": str(env.tmp / "proc_data"),
-        "RUNTIME__DLTHUB_TELEMETRY": "false",
-        "RUNTIME__LOG_LEVEL": "INFO",
-    }
-    config.update({f"SOURCES__APIONE__{k.upper()}": str(v) for k, v in settings.items()})
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "pipelines" / "enrich.py")],
-        cwd=env.tmp,
-        env={**os.environ, **config},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_given_a_signal_while_a_submit_is_in_the_air_then_it_is_journaled_and_never_paid_twice(
@@ -122,7 +94,7 @@ def test_given_a_signal_while_a_submit_is_in_the_air_then_it_is_journaled_and_ne
     env = make_env(latency_seconds=1.0)
     env.insert_companies([(i, f"sig{i}.com") for i in range(40)])
 
-    proc = _enrich_process(env, records_per_job=10, wait_budget_seconds=60)
+    proc = enrich_process(env, records_per_job=10, wait_budget_seconds=60)
     deadline = time.monotonic() + 60
     while env.sandbox.usage()["jobs_created"] < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
@@ -137,7 +109,7 @@ def test_given_a_signal_while_a_submit_is_in_the_air_then_it_is_journaled_and_ne
     billed_after_stop = env.sandbox.usage()["records_billed"]
     assert billed_after_stop in (10, 20), out
 
-    rerun = _enrich_process(env, records_per_job=10, wait_budget_seconds=60)
+    rerun = enrich_process(env, records_per_job=10, wait_budget_seconds=60)
     out2, _ = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, out2
     usage = env.sandbox.usage()
