@@ -348,6 +348,14 @@ class EnrichmentRun:
         for entry in list(journal.entries.values()):
             for spent in entry.unreported:
                 journal.reported(entry, spent, self.load_id)
+                # Keys that gave up in it stay given up, though the report is not loaded yet
+                # (as in _settle): never sent again.
+                at = utc_from_timestamp(spent.at)
+                for item in spent.items:
+                    if item.key not in spent.resend:
+                        self.known.keys[item.key] = KeyState(
+                            "error", at, spent.job_id, item.record, set(item.pks), submitted_at=at
+                        )
                 yield from self._report(entry, spent)
         for entry in journal.in_phase(SENDING):
             yield from self._settle(Finished(entry, LOST, error="submit answer lost (crash)"))
@@ -424,6 +432,7 @@ class EnrichmentRun:
 
     def _submit_pending(self, limit: int) -> bool:
         """Submit up to ``limit`` pending records; False when nothing more can go this run."""
+        self._send_entries()  # records sent before (resends) go first
         if not self.sched.can_submit or self.to_send:
             return False
         n = min(limit, self._cap_left(), self.sched.records_per_job)
@@ -589,10 +598,14 @@ class EnrichmentRun:
         _bump(self.stats.spent, fin.kind)
         if resend:
             _bump(self.stats.resubmitted, fin.kind, len(resend))
+        what = (
+            f"job {entry.job_id} {fin.kind}"
+            if entry.job_id
+            else f"a submit of {len(entry.items)} records got no answer ({LOST})"
+        )
         logger.warning(
-            "job %s %s (%s): resending %d record(s) (this may cost credits), %d gave up",
-            entry.job_id or f"of a lost submit {entry.entry_id}",
-            fin.kind,
+            "%s: %s; resending %d record(s) (ApiOne may bill them again), %d given up",
+            what,
             fin.error,
             len(resend),
             len(exhausted),

@@ -137,10 +137,13 @@ def open_journal(destination: Path, names: TableNames = COMPANY) -> list[Entry]:
             f"SELECT {', '.join(COLUMNS)} FROM enriched.{names.journal} WHERE scope = ?",
             [names.outcomes],
         ).fetchall()
+    except duckdb.CatalogException:
+        return []
+    try:
         loads = con.execute("SELECT load_id FROM enriched._dlt_loads WHERE status = 0")
         done = {r[0] for r in loads.fetchall()}
     except duckdb.CatalogException:
-        return []
+        done = set()  # no load completed yet
     finally:
         con.close()
     store = MemoryStore()

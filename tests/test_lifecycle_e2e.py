@@ -6,6 +6,7 @@ sandbox's own per-key billing.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -14,9 +15,10 @@ from datetime import datetime, timedelta, timezone
 
 import dlt
 import pytest
+from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.history import KnownKeys, Ttls, _fold
-from apione_source.journal import IN_FLIGHT, SENDING
+from apione_source.journal import IN_FLIGHT, SENDING, Journal
 from tests.e2e import (
     COMPANY,
     Env,
@@ -220,3 +222,45 @@ def test_given_an_unknown_status_then_the_slot_is_freed_and_the_job_collected_la
     assert usage["records_billed"] == 100 and set(usage["billed_per_key"].values()) == {1}
     assert open_journal(env.out) == []
     assert set(_latest_statuses(env)) == {str(i) for i in range(100)}
+
+
+class _Crash(BaseException):
+    """Stands for the process dying (no except clause catches a BaseException here)."""
+
+
+def test_given_a_run_died_between_billing_and_journaling_then_the_next_run_resends_once_and_says_so(
+    make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env()
+    env.insert_companies([(i, f"lost{i}.com") for i in range(25)])
+    real = Journal.job_created
+    calls = {"n": 0}
+
+    def dies_on_second(self: Journal, entry: Any, job_id: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash  # ApiOne created (and billed) job 2; we never wrote its id
+        real(self, entry, job_id)
+
+    monkeypatch.setattr(Journal, "job_created", dies_on_second)
+    with pytest.raises((_Crash, PipelineStepFailed)):
+        env.run(records_per_job=10)
+    monkeypatch.setattr(Journal, "job_created", real)
+    assert [e.phase for e in open_journal(env.out)].count(SENDING) == 1
+
+    env.run(records_per_job=10)
+    env.run(records_per_job=10)
+
+    usage = env.sandbox.usage()
+    lost_jobs = env.query(f"SELECT job_id FROM enriched.{COMPANY.jobs} WHERE status = 'lost'")
+    assert len(lost_jobs) == 1
+    lost_keys = {
+        k
+        for (k,) in env.query(f"SELECT key FROM enriched.{COMPANY.outcomes} WHERE status = 'lost'")
+    }
+    assert len(lost_keys) == 10
+    for key, n in usage["billed_per_key"].items():
+        assert n == (2 if json.loads(key)["domain"] in lost_keys else 1), key
+    assert open_journal(env.out) == []
+    rows = env.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
+    assert_one_final_outcome_per_row(rows, {str(i) for i in range(25)})
