@@ -598,10 +598,10 @@ class EnrichmentRun:
         _bump(self.stats.spent, fin.kind)
         if resend:
             _bump(self.stats.resubmitted, fin.kind, len(resend))
-        what = (
-            f"job {entry.job_id} {fin.kind}"
-            if entry.job_id
-            else f"a submit of {len(entry.items)} records got no answer ({LOST})"
+        what = (  # from `spent`: spending reset the entry's job and items
+            f"job {spent.job_id} {fin.kind}"
+            if spent.job_id
+            else f"a submit of {len(spent.items)} records got no answer ({LOST})"
         )
         logger.warning(
             "%s: %s; resending %d record(s) (ApiOne may bill them again), %d given up",
