@@ -12,8 +12,13 @@ user or dbt would look, plus the sandbox's usage counters (what ApiOne would bil
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -22,6 +27,7 @@ from apione_source.models import EnrichmentType
 from apione_source.sandbox import Sandbox
 from apione_source.sandbox.data import canonical_json
 from apione_source.tables import TableNames
+from tests.conftest import SANDBOX_API_KEY
 from tests.warehouses.harness import Env
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
@@ -246,3 +252,79 @@ class Scenarios(CoreScenarios):
         assert [r[0] for r in rows] == ["firm7.com", "rebranded-firm.com"]
         env.run(cursor_column="updated_at")
         assert billed(env.sandbox) == (2, 31)
+
+
+KILL_POINTS = (
+    "job_created:2",  # the second job is journaled, the worker dies right after
+    "job_created:2:before",  # ApiOne created (and billed) it; its id was never written
+    "collected:1:before",  # results handled, their load never happened
+    "spend:1",  # a failed job spent and its resend planned, nothing sent yet
+)
+
+
+class KillScenarios:
+    """A worker SIGKILLed mid-run, then a worker on an EMPTY pipelines dir: nothing lost,
+    nothing paid twice (the journal and dlt's state live in the warehouse)."""
+
+    input_wh: ClassVar[str]
+    output_wh: ClassVar[str]
+
+    @pytest.mark.parametrize("kill_at", KILL_POINTS)
+    def test_a_killed_worker_then_a_fresh_disk_converge_without_paying_twice(
+        self, make_env: Callable[..., Env], tmp_path: Path, kill_at: str
+    ) -> None:
+        # a third of the jobs fail (reproducibly, from the seed): resends happen
+        env = make_env(self.input_wh, self.output_wh, failure_rate=0.35, seed=4)
+        env.insert_companies([(i, f"kill{i}.com") for i in range(50)])
+        source = {
+            "api_key": SANDBOX_API_KEY,
+            "base_url": env.sandbox.base_url,
+            "enrichment_type": "company",
+            "input_table": "companies",
+            "primary_key": "id",
+            "input_dataset": env.input_dataset,
+            "input_destination": env.input_wh.kind,
+            "input_credentials": env.input_wh.credentials,
+            "records_per_job": 10,
+            "wait_budget_seconds": 60,
+        }
+        spec = {
+            "pipeline": env.pipeline.pipeline_name,
+            "dataset": env.output_dataset,
+            "pipelines_dir": str(tmp_path / "worker_1"),
+            "destination": env.output_wh.kind,
+            "credentials": env.output_wh.credentials,
+            "source": source,
+            "kill_at": kill_at,
+        }
+        runner = Path(__file__).with_name("kill_runner.py")
+        worker = subprocess.run(
+            [sys.executable, str(runner), json.dumps(spec)], capture_output=True, text=True
+        )
+        assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
+
+        # the next worker starts on an empty disk (env.pipeline's dir was never used)
+        for _ in range(3):
+            env.run(records_per_job=10)
+
+        usage = env.sandbox.usage()
+        spent = env.query(
+            f"SELECT key, count(DISTINCT job_id) FROM {env.out(COMPANY.outcomes)} "
+            "WHERE status IN ('failed', 'expired', 'timed_out', 'vanished', 'lost') GROUP BY key"
+        )
+        allowed = {company_key(k): 1 + int(n) for k, n in spent}
+        for key, n in usage["billed_per_key"].items():
+            assert n <= allowed.get(key, 1), (key, n, allowed.get(key, 1))
+        assert len(usage["billed_per_key"]) == 50
+        latest = env.query(
+            f"SELECT input_pk, status FROM {env.out(COMPANY.outcomes)} o WHERE NOT EXISTS ("
+            f"SELECT 1 FROM {env.out(COMPANY.outcomes)} n WHERE n.input_pk = o.input_pk AND "
+            "(n.submitted_at > o.submitted_at OR (n.submitted_at = o.submitted_at AND "
+            "n.attempt > o.attempt)))"
+        )
+        assert {str(pk) for pk, _ in latest} == {str(i) for i in range(50)}
+        assert {s for _, s in latest} <= {"matched", "not_found", "invalid", "error"}
+        assert len(latest) == 50, "a row has two latest outcomes"
+        assert_no_duplicate_keys(env)
+        journal = env.query(f"SELECT count(*) FROM {env.out(COMPANY.journal)}")
+        assert journal == [(0,)], "the journal still has open entries"

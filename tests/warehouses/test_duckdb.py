@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.warehouses.scenarios import Scenarios
+from tests.warehouses.scenarios import KillScenarios, Scenarios
 
 pytestmark = [pytest.mark.slow]
 
 
 class TestDuckDB(Scenarios):
+    input_wh = "duckdb"
+    output_wh = "duckdb"
+
+
+class TestDuckDBKilled(KillScenarios):
     input_wh = "duckdb"
     output_wh = "duckdb"

@@ -11,12 +11,17 @@ import pytest
 from apione_source import apione, run_enrichment
 from tests.conftest import SANDBOX_API_KEY
 from tests.warehouses.harness import Env
-from tests.warehouses.scenarios import COMPANY, Scenarios
+from tests.warehouses.scenarios import COMPANY, KillScenarios, Scenarios
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 class TestPostgres(Scenarios):
+    input_wh = "postgres"
+    output_wh = "postgres"
+
+
+class TestPostgresKilled(KillScenarios):
     input_wh = "postgres"
     output_wh = "postgres"
 

@@ -1,0 +1,63 @@
+"""Run one enrichment in this process and SIGKILL it at a chosen journal step.
+
+Test code: ``python tests/warehouses/kill_runner.py '<json>'`` with the pipeline's name,
+dataset, pipelines dir, destination (type and credentials), the ``apione(...)`` arguments
+and ``kill_at`` = ``"<Journal method>:<n>[:before]"``: the process kills itself with
+SIGKILL (no cleanup) at the n-th call of that method, after it returned, or before it
+ran with ``:before``. The warehouse scenarios use it to prove that a worker killed
+anywhere, followed by one on an empty disk, loses nothing and pays nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import dlt
+from dlt.common.destination import Destination
+
+from apione_source import apione, run_enrichment
+from apione_source.journal import Journal
+
+
+def _install(kill_at: str) -> None:
+    method, n, *when = kill_at.split(":")
+    original = getattr(Journal, method)
+    calls = {"n": 0}
+
+    def wrapped(self: Journal, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        hit = calls["n"] == int(n)
+        if hit and when == ["before"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = original(self, *args, **kwargs)
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(Journal, method, wrapped)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    _install(spec["kill_at"])
+    pipeline = dlt.pipeline(
+        pipeline_name=spec["pipeline"],
+        destination=Destination.from_reference(
+            spec["destination"], credentials=spec["credentials"]
+        ),
+        dataset_name=spec["dataset"],
+        pipelines_dir=spec["pipelines_dir"],
+    )
+    run_enrichment(pipeline, apione(**spec["source"]))
+    print("finished without being killed")
+
+
+if __name__ == "__main__":
+    main()
