@@ -23,8 +23,9 @@
         ├── InsufficientCreditsError  402: top up credits
         ├── PermissionDeniedError 403: use a key whose plan allows this enrichment
         ├── ApiUnreachableError   no answer from the host for too long: check base_url
-        └── RequestRefusedError   ApiOne refuses the request itself (400, 404 on the
-                                  route): check base_url, upgrade apione-dlt
+        ├── RequestRefusedError   ApiOne refuses the request itself (400, 404 on the
+        │                         route): check base_url, upgrade apione-dlt
+        └── JournalCorruptError   a job journal row cannot be read: repair it
 
 No error message or repr ever contains the API key.
 """
@@ -200,3 +201,7 @@ class WebhookSignatureError(ApiOneError):
 
     The receiver rejects the delivery (answer non-2xx); ApiOne retries genuine ones.
     """
+
+
+class JournalCorruptError(StopRunError):
+    """A row of the job journal cannot be read; the message says how to get out."""

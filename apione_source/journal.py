@@ -45,6 +45,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from apione_source.errors import JournalCorruptError
+
 # Entry phases (derived, never stored).
 TO_SEND = "to_send"  # records to send: nothing in flight, nothing paid for this generation
 SENDING = "sending"  # send(g) written, no answer yet; found at a run's start: lost answer
@@ -216,17 +218,29 @@ def _items(raw: str) -> list[BatchItem]:
 
 
 def fold(rows: Iterable[dict[str, Any]]) -> dict[str, Entry]:
-    """Entries from journal rows (pure). Rows of one entry are applied in ``seq`` order."""
+    """Entries from journal rows (pure). Rows of one entry are applied in ``seq`` order.
+
+    Raises:
+        JournalCorruptError: A row cannot be read (edited by hand, or truncated).
+    """
     by_entry: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_entry.setdefault(row["entry_id"], []).append(row)
     entries = {}
     for entry_id, entry_rows in by_entry.items():
-        entry_rows.sort(key=lambda r: int(r["seq"]))
-        first = entry_rows[0]
-        entry = Entry(entry_id, first["scope"], first["pipeline"])
-        for row in entry_rows:
-            _apply(entry, row)
+        try:
+            entry_rows.sort(key=lambda r: int(r["seq"]))
+            first = entry_rows[0]
+            entry = Entry(entry_id, first["scope"], first["pipeline"])
+            for row in entry_rows:
+                _apply(entry, row)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise JournalCorruptError(
+                f"the job journal has an unreadable row for entry {entry_id!r} "
+                f"({type(exc).__name__}: {exc}). Its records may be in flight and paid for: "
+                "restore the row, or, once you know the job's results are loaded, delete the "
+                "entry's rows (DELETE FROM <dataset>._apione_journal WHERE entry_id = ...)"
+            ) from None
         entries[entry_id] = entry
     return entries
 

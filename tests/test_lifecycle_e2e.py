@@ -15,9 +15,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import dlt
+import duckdb
 import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
 
+from apione_source.errors import JournalCorruptError
 from apione_source.history import KnownKeys, Ttls, _fold
 from apione_source.journal import IN_FLIGHT, SENDING, Journal
 from tests.e2e import (
@@ -265,3 +267,23 @@ def test_given_a_run_died_between_billing_and_journaling_then_the_next_run_resen
     assert open_journal(env.out) == []
     rows = env.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
     assert_one_final_outcome_per_row(rows, {str(i) for i in range(25)})
+
+
+def test_given_a_corrupt_journal_row_then_the_run_fails_saying_where_and_how_out(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(job_seconds_base=30.0)
+    env.insert_companies([(1, "corrupt.com")])
+    env.run(wait_budget_seconds=0.5)  # the job is in flight
+    con = duckdb.connect(str(env.out))
+    try:
+        con.execute(f"UPDATE enriched.{COMPANY.journal} SET items = '[[' WHERE event = 'send'")
+    finally:
+        con.close()
+
+    with pytest.raises(JournalCorruptError) as corrupt:
+        env.run()
+
+    message = str(corrupt.value)
+    assert "_apione_journal" in message and "entry" in message and "DELETE" in message
+    assert env.sandbox.usage()["records_billed"] == 1
