@@ -172,11 +172,6 @@ class Entry:
         """The highest attempt among the records of the current generation."""
         return max((i.attempt for i in self.items), default=1)
 
-    @property
-    def keys(self) -> list[str]:
-        """Keys of the current generation."""
-        return [i.key for i in self.items]
-
 
 class JournalStore(Protocol):
     """Where journal rows live: append (one atomic statement), read, delete."""
