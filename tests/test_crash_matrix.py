@@ -1,21 +1,24 @@
 """Crash matrix: SIGKILL a real run at every phase, rerun it, and compare with a clean run.
 
 Each case starts a sandbox in this process, runs ``tests/crash_runner.py`` as a
-subprocess that kills itself (SIGKILL) at one phase, checks what survived on disk, reruns
-the runner without a crash until no job is in flight, and then checks that the final
+subprocess that kills itself (SIGKILL) at one phase, checks what the job journal (a table
+of the destination dataset) holds right after, reruns the runner without a crash until
+the journal has nothing open and no job is in flight, and then checks that the final
 tables equal those of a clean run (separate workdir, separate sandbox with the same
-seed), that every valid input row has exactly one final outcome, and that nothing was
-billed twice except what a lost submit answer explains (and the ledger reports).
+seed), that every valid input row has exactly one final outcome, and that no key was
+billed more than once per spent job of it (a lost submit answer, a failed job), each of
+which the ledger reports.
+
+Every case runs twice: with the pipelines dir kept between runs, and ``fresh_dir``: each
+run after the crash starts on an empty pipelines dir (the journal and dlt's state live in
+the destination, so no local disk is needed; a package extracted but not loaded is lost
+and must be fetched again).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import sqlite3
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,15 +28,21 @@ from typing import Any
 import duckdb
 import pytest
 
-from apione_source.journal import Journal
+from apione_source.journal import IN_FLIGHT, SENDING, TO_SEND
 from apione_source.sandbox import Sandbox
 from apione_source.tables import FINAL_STATUSES
+from tests.crash_runner import (
+    PYCACHE,
+    Dest,
+    billing_problems,
+    outcome_problems,
+    runner_command,
+    runner_env,
+)
 from tests.e2e import COMPANY, TEN_KB, assert_one_final_outcome_per_row, company_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNNER = ROOT / "tests" / "crash_runner.py"
 PIPELINE_NAME = "apione_crash"
 SEED = 7
 RECORDS_PER_JOB = 250
@@ -98,99 +107,38 @@ def run_runner(
     *,
     crash_at: str | None = None,
     crash_after: int | None = None,
+    crash_table: str | None = None,
+    fresh_dir: bool = False,
+    max_attempts: int = 3,
     wait_budget: float = 30.0,
     timeout: float = 180.0,
 ) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        str(RUNNER),
-        "--workdir",
-        str(workdir),
-        "--base-url",
+    cmd = runner_command(
+        workdir,
         sandbox.base_url,
-        "--warehouse",
-        str(warehouse),
-        "--pipeline-name",
-        PIPELINE_NAME,
-        "--records-per-job",
-        str(RECORDS_PER_JOB),
-        "--wait-budget",
-        str(wait_budget),
-    ]
-    if crash_at:
-        cmd += ["--crash-at", crash_at]
-    if crash_after is not None:
-        cmd += ["--crash-after", str(crash_after)]
+        warehouse,
+        crash_at=crash_at,
+        crash_after=crash_after,
+        crash_table=crash_table,
+        pipeline_name=PIPELINE_NAME,
+        records_per_job=RECORDS_PER_JOB,
+        wait_budget=wait_budget,
+        fresh_dir=fresh_dir,
+        max_attempts=max_attempts,
+    )
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "DLT_PROJECT_DIR": str(workdir / "project"),
-        "DLT_DATA_DIR": str(workdir / "dlt_data"),
-        "RUNTIME__DLTHUB_TELEMETRY": "false",
-        "RUNTIME__LOG_LEVEL": "WARNING",
-    }
-    env.pop("SOURCES__APIONE__API_KEY", None)
     return subprocess.run(
-        cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        cmd,
+        cwd=workdir,
+        env=runner_env(workdir, PYCACHE),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
-def journal_path(workdir: Path) -> Path:
-    return Journal.path_for(workdir / "pipelines", PIPELINE_NAME, "company_enrichment")
-
-
-def read_journal(workdir: Path) -> tuple[list[tuple[str, str, int, str | None]], list[int]]:
-    """(job_id, state, record_count, load_id) of every job, and the item count of each intent."""
-    path = journal_path(workdir)
-    assert path.exists(), f"no journal at {path}"
-    con = sqlite3.connect(path)
-    try:
-        jobs = con.execute("SELECT job_id, state, record_count, load_id FROM jobs").fetchall()
-        intents = [len(json.loads(r[0])) for r in con.execute("SELECT items FROM intents")]
-    finally:
-        con.close()
-    return jobs, intents
-
-
 # --- reading the destination ----------------------------------------------------------------------
-
-
-@dataclass
-class Dest:
-    path: Path
-
-    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        con = duckdb.connect(str(self.path), read_only=True)
-        try:
-            return con.execute(sql, params or []).fetchall()
-        finally:
-            con.close()
-
-    def tables(self) -> set[str]:
-        if not self.path.exists():
-            return set()
-        rows = self.query(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'enriched'"
-        )
-        return {r[0] for r in rows}
-
-    def columns(self, table: str) -> list[str]:
-        rows = self.query(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = 'enriched' AND table_name = ? ORDER BY column_name",
-            [table],
-        )
-        return [r[0] for r in rows]
-
-    def in_flight(self) -> int:
-        if COMPANY.jobs not in self.tables():
-            return 0
-        return int(
-            self.query(f"SELECT count(*) FROM enriched.{COMPANY.jobs} WHERE status = 'in_flight'")[
-                0
-            ][0]
-        )
 
 
 @dataclass
@@ -248,6 +196,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Snapshot, 
         usage = sb.usage()
     dest = Dest(tmp / "work" / "destination.duckdb")
     assert dest.in_flight() == 0
+    assert dest.open_entries() == []
     snap = snapshot(dest)
     # sanity of the reference itself
     assert usage["records_billed"] == len(UNIQUE_KEYS)
@@ -264,97 +213,143 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Snapshot, 
 class Case:
     sandbox: dict[str, Any] = field(default_factory=dict)
     crash_after: int | None = None
+    crash_table: str | None = None
 
 
+# Seed 360 fails exactly the 2nd job of the first 11 at failure_rate 0.3; the results of
+# a record do not depend on the seed, so the tables still equal the clean run's.
+FAILS_JOB_2 = {"seed": 360, "failure_rate": 0.3}
 CASES = {
     "input_read": Case(),
     # jobs take a moment, so the killed run leaves jobs running on the server
-    "after_submit": Case(sandbox={"job_seconds_base": 1.0}),
+    "send": Case(sandbox={"job_seconds_base": 0.5}),
     "answer_lost": Case(sandbox={"job_seconds_base": 0.5}),
+    "after_submit": Case(sandbox={"job_seconds_base": 1.0}),
     "polling": Case(sandbox={"job_seconds_base": 1.0}, crash_after=3),
     "fetching": Case(),
+    "spend": Case(sandbox=FAILS_JOB_2, crash_after=1),
+    "collected": Case(),
     "normalize": Case(),
     "load": Case(),
+    # the insert of the enrichment rows into the staging dataset committed, dlt did not
+    # record it: resuming the package runs it again
+    "load_committed": Case(crash_table=COMPANY.enrichment),
 }
+# dlt 1.31 (a residual of dlt-hub/dlt#3023): a job that committed just before a SIGKILL,
+# before dlt recorded it, runs again when the package is resumed, so the staging table
+# holds its rows twice with the same _dlt_id. The delete-insert merge dedups a single
+# table (ROW_NUMBER by primary key) and nested tables (by row key), but the root of a
+# chain with nested tables only through a temp table of row keys, `WHERE _dlt_id IN`:
+# both copies pass and every enriched row of that job is in apione_companies twice.
+# On an empty pipelines dir the package is gone and the journal fetches the jobs again.
+KNOWN_DLT_ROOT_DUPLICATES = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="dlt re-runs a committed staging insert; the chain root is not deduped",
+)
 
 
-def check_after_crash(phase: str, workdir: Path, sb: Sandbox, dest: Dest) -> int:
-    """Check what must be on disk right after the SIGKILL; returns the submits in the air."""
+def check_after_crash(phase: str, sb: Sandbox, dest: Dest) -> int:
+    """Check what the journal holds right after the SIGKILL; returns the submits in the air."""
     usage = sb.usage()
     created = set(sb.engine._jobs)
+    entries = list(dest.entries().values())
     if phase == "input_read":
         assert usage["submit_calls"] == 0
         assert usage["records_billed"] == 0
+        assert entries == []
         return 0
-    jobs, intents = read_journal(workdir)
-    journaled = {j for j, *_ in jobs}
-    if phase == "after_submit":
+    journaled = {e.job_id for e in entries if e.job_id}
+    phases = Counter(e.phase for e in entries)
+    sending = phases[SENDING]
+    if phase == "send":
+        # the 2nd intent is durable, its request never left: the server has one job
+        assert len(created) == 1 and journaled == created
+        assert phases == {IN_FLIGHT: 1, SENDING: 1}
+        assert usage["records_billed"] == RECORDS_PER_JOB
+    elif phase == "after_submit":
         # both answered submits are durable, with their ids, before anything else happens
-        assert len(created) == 2
-        assert journaled == created
-        assert {state for _, state, _, _ in jobs} == {"in_flight"}
-        assert sorted(n for _, _, n, _ in jobs) == [RECORDS_PER_JOB, RECORDS_PER_JOB]
-        assert intents == []
+        assert len(created) == 2 and journaled == created
+        assert phases == {IN_FLIGHT: 2}
+        assert sorted(len(e.items) for e in entries) == [RECORDS_PER_JOB, RECORDS_PER_JOB]
     elif phase == "answer_lost":
         # the server created (and billed) 2 jobs; only the first id reached the journal,
-        # the second submit is still an intent: its answer is lost
+        # the second submit is still `sending`: its answer is lost
         assert len(created) == 2
         assert len(journaled) == 1 and journaled < created
-        assert intents == [RECORDS_PER_JOB]
+        assert phases == {IN_FLIGHT: 1, SENDING: 1}
         assert usage["records_billed"] == 2 * RECORDS_PER_JOB
     elif phase in ("polling", "fetching"):
         assert journaled and journaled <= created
-        assert {state for _, state, _, _ in jobs} == {"in_flight"}
         # polls run concurrently with submits: a submit may be in the air at the kill
-        assert len(intents) <= 1
+        assert set(phases) <= {IN_FLIGHT, SENDING} and sending <= 1
+        assert not any(e.collected_in or e.spent for e in entries)
         assert COMPANY.outcomes not in dest.tables()
         if phase == "fetching":
             assert usage["results_calls"] >= 1
-    elif phase in ("normalize", "load"):
+    elif phase == "spend":
+        # the failed job is spent and its records wait to be resent; the report of it
+        # (ledger and outcome rows) went nowhere yet
+        spent = [s for e in entries for s in e.spent]
+        assert [(s.reason, len(s.items)) for s in spent] == [("failed", RECORDS_PER_JOB)]
+        assert [e.phase for e in entries if e.spent] == [TO_SEND]
+        assert all(e.unreported for e in entries if e.spent)
+        assert journaled <= created
+        assert COMPANY.outcomes not in dest.tables()
+    elif phase in ("collected", "normalize", "load", "load_committed"):
         # everything was fetched into one extracted package that is not loaded
         assert journaled == created
-        assert {state for _, state, _, _ in jobs} == {"fetched"}
-        load_ids = {load_id for *_, load_id in jobs}
-        assert len(load_ids) == 1 and None not in load_ids
-        if "_dlt_loads" in dest.tables():
-            done = dest.query("SELECT load_id FROM enriched._dlt_loads WHERE status = 0")
-            assert not load_ids & {r[0] for r in done}
-        if phase == "normalize":
+        assert phases == {IN_FLIGHT: len(created)}
+        load_ids = {load for e in entries for load in e.collected_in}
+        assert all(e.collected_in for e in entries)
+        assert len(load_ids) == 1
+        assert not load_ids & dest.completed_loads()
+        assert not any(e.done for e in entries)
+        if phase in ("collected", "normalize"):
             assert COMPANY.outcomes not in dest.tables()
-    return len(intents)
+    return sending
 
 
-@pytest.mark.parametrize(
-    "phase",
-    CASES,
-)
+@pytest.mark.parametrize("disk", ["kept_dir", "fresh_dir"])
+@pytest.mark.parametrize("phase", CASES)
 def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_nothing_is_paid_twice(
     phase: str,
+    disk: str,
     tmp_path: Path,
     sandbox_factory: Callable[..., Sandbox],
     clean: tuple[Snapshot, dict[str, Any]],
+    request: pytest.FixtureRequest,
 ) -> None:
     case = CASES[phase]
-    sb = sandbox_factory(seed=SEED, **case.sandbox)
+    if phase == "load_committed" and disk == "kept_dir":
+        request.applymarker(KNOWN_DLT_ROOT_DUPLICATES)
+    sb = sandbox_factory(**{"seed": SEED, **case.sandbox})
     warehouse = make_warehouse(tmp_path / "warehouse.duckdb")
     workdir = tmp_path / "work"
     dest = Dest(workdir / "destination.duckdb")
+    fresh = disk == "fresh_dir"
 
-    crashed = run_runner(workdir, sb, warehouse, crash_at=phase, crash_after=case.crash_after)
+    crashed = run_runner(
+        workdir,
+        sb,
+        warehouse,
+        crash_at=phase,
+        crash_after=case.crash_after,
+        crash_table=case.crash_table,
+    )
 
     assert crashed.returncode == -signal.SIGKILL, (
         f"the runner was not killed at {phase} (rc {crashed.returncode}):\n{crashed.stderr[-3000:]}"
     )
-    in_the_air = check_after_crash(phase, workdir, sb, dest)
+    in_the_air = check_after_crash(phase, sb, dest)
 
     for _ in range(3):
-        rerun = run_runner(workdir, sb, warehouse)
+        rerun = run_runner(workdir, sb, warehouse, fresh_dir=fresh)
         assert rerun.returncode == 0, f"rerun after {phase} failed:\n{rerun.stderr[-5000:]}"
-        if dest.in_flight() == 0 and not read_journal(workdir)[0]:
+        if dest.in_flight() == 0 and not dest.open_entries():
             break
     assert dest.in_flight() == 0
-    jobs, intents = read_journal(workdir)
-    assert jobs == [] and intents == [], "the journal still holds unfinished work"
+    assert dest.open_entries() == [], "the journal still holds unfinished work"
 
     reference, _ = clean
     got = snapshot(dest)
@@ -366,11 +361,6 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
     for child in CHILD_TABLES:
         assert got.children[child] == reference.children[child], child
     assert got.rejected == reference.rejected
-    for table, key in MERGE_KEYS.items():
-        total, distinct = dest.query(
-            f"SELECT count(*), count(DISTINCT {key}) FROM enriched.{table}"
-        )[0]
-        assert total == distinct, f"{table} has {total - distinct} duplicate {key}(s)"
     for child in CHILD_TABLES:
         orphans = dest.query(
             f"SELECT count(*) FROM enriched.{child} c LEFT JOIN enriched.{COMPANY.enrichment} p "
@@ -378,23 +368,34 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
         )[0][0]
         assert orphans == 0, f"{child} has {orphans} orphaned row(s)"
 
-    # every valid input row: exactly one final outcome, and it is its latest attempt
+    # every valid input row: exactly one final outcome, and it is its latest attempt;
+    # no merge key twice in any table
     rows = dest.query(f"SELECT input_pk, attempt, status FROM enriched.{COMPANY.outcomes}")
     assert_one_final_outcome_per_row(rows, VALID_PKS)
+    assert outcome_problems(dest, VALID_PKS, MERGE_KEYS) == []
 
-    # billing: every key once, plus at most what the ledger reports as lost submits
+    # billing: every key once, plus once per spent job of it (each in the ledger)
     usage = sb.usage()
     per_key = usage["billed_per_key"]
     assert set(per_key) == {company_key(k) for k in UNIQUE_KEYS}
+    assert billing_problems(dest, per_key, COMPANY.outcomes) == []
     ledger = Counter()
     lost_records = 0
     for _job_id, status, count in got.ledger:
         ledger[status] += 1
         if status == "lost":
             lost_records += count
-    assert usage["records_billed"] <= len(UNIQUE_KEYS) + lost_records
+    assert usage["records_billed"] <= len(UNIQUE_KEYS) + lost_records + ledger["failed"] * (
+        RECORDS_PER_JOB
+    )
     # every submit whose answer the crash swallowed is reported once in the ledger
     assert ledger["lost"] == in_the_air
+    if phase == "spend":
+        assert ledger["failed"] == 1
+        assert set(ledger) == {"completed", "failed"}
+        # the failed job's records were paid once more, nothing else
+        assert usage["records_billed"] == len(UNIQUE_KEYS) + RECORDS_PER_JOB
+        return
     assert set(ledger) <= {"completed", "lost"}
     if phase == "answer_lost":
         assert ledger["lost"] == 1
@@ -404,6 +405,36 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
             == len(UNIQUE_KEYS) + lost_records
             == (len(UNIQUE_KEYS) + RECORDS_PER_JOB)
         )
-    elif not in_the_air:
+    else:
+        # a `send` crash: the intent never left, its records were paid once
         assert usage["records_billed"] == len(UNIQUE_KEYS)
         assert set(per_key.values()) == {1}
+
+
+def test_given_sigkill_after_a_job_gave_up_when_rerun_then_its_records_are_not_sent_again(
+    tmp_path: Path, sandbox_factory: Callable[..., Sandbox]
+) -> None:
+    """Found by the kill fuzzer (seed 1011): a spent job whose records ran out of attempts
+    is reported again by the next run, and its records must not go out a further time
+    just because that report had not reached the destination yet."""
+    sb = sandbox_factory(**FAILS_JOB_2)
+    warehouse = make_warehouse(tmp_path / "warehouse.duckdb")
+    workdir = tmp_path / "work"
+    dest = Dest(workdir / "destination.duckdb")
+
+    crashed = run_runner(workdir, sb, warehouse, crash_at="spend", crash_after=1, max_attempts=1)
+
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    [gave_up] = [e for e in dest.entries().values() if e.spent]
+    assert gave_up.spent[0].resend == set() and gave_up.unreported
+    rerun = run_runner(workdir, sb, warehouse, max_attempts=1)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    assert dest.open_entries() == []
+
+    usage = sb.usage()
+    assert usage["records_billed"] == len(UNIQUE_KEYS)
+    assert billing_problems(dest, usage["billed_per_key"], COMPANY.outcomes) == []
+    errors = dest.query(
+        f"SELECT count(DISTINCT key) FROM enriched.{COMPANY.outcomes} WHERE status = 'error'"
+    )[0][0]
+    assert errors == RECORDS_PER_JOB
