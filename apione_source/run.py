@@ -559,7 +559,9 @@ class EnrichmentRun:
                         ks.input,
                         ks.finished_at,
                         self.load_id,
-                        ks.submitted_at,
+                        # ordered as of now for this row: it may have carried another
+                        # key, whose outcome must not stay its latest
+                        now,
                     )
                 )
             return "fresh"
