@@ -104,11 +104,16 @@ def load_known_keys(
         with pipeline.sql_client() as client:
             cols = ["key", "status", "finished_at", "job_id", "input_pk", "input", "submitted_at"]
             c = {name: client.escape_column_name(name) for name in [*cols, "attempt"]}
+            table = client.make_qualified_table_name(names.outcomes)
+            with client.execute_query(f"SELECT * FROM {table} WHERE 1 = 0") as cur:
+                present = {d[0].lower() for d in cur.description}
+            if "submitted_at" not in present:
+                # written by a version before outcomes had it; dlt adds it on the next load
+                c["submitted_at"] = "CAST(NULL AS TIMESTAMP)"
             # Job order, then attempt: never write order (an old job's report may be
             # written after a newer job's results).
             sql = (
-                f"SELECT {', '.join(c[n] for n in cols)} FROM "
-                f"{client.make_qualified_table_name(names.outcomes)} ORDER BY "
+                f"SELECT {', '.join(c[n] for n in cols)} FROM {table} ORDER BY "
                 f"COALESCE({c['submitted_at']}, {c['finished_at']}), {c['attempt']}, "
                 f"{c['finished_at']}"
             )

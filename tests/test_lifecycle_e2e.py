@@ -20,7 +20,7 @@ import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.errors import JournalCorruptError
-from apione_source.history import KnownKeys, Ttls, _fold
+from apione_source.history import KnownKeys, Ttls, _fold, load_known_keys
 from apione_source.journal import IN_FLIGHT, SENDING, Journal
 from tests.e2e import (
     COMPANY,
@@ -287,3 +287,27 @@ def test_given_a_corrupt_journal_row_then_the_run_fails_saying_where_and_how_out
     message = str(corrupt.value)
     assert "_apione_journal" in message and "entry" in message and "DELETE" in message
     assert env.sandbox.usage()["records_billed"] == 1
+
+
+def test_given_outcomes_written_before_submitted_at_existed_then_the_history_reads_them(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    con = duckdb.connect(str(env.out))
+    try:  # an outcomes table as the previous version wrote it
+        con.execute("CREATE SCHEMA enriched")
+        con.execute(
+            f"CREATE TABLE enriched.{COMPANY.outcomes} (outcome_id VARCHAR, input_pk VARCHAR, "
+            "key VARCHAR, job_id VARCHAR, attempt BIGINT, status VARCHAR, error VARCHAR, "
+            "input JSON, finished_at TIMESTAMP WITH TIME ZONE, load_id VARCHAR)"
+        )
+        con.execute(
+            f"INSERT INTO enriched.{COMPANY.outcomes} VALUES ('o1', '1', 'a.com', 'job_1', 1, "
+            "'matched', NULL, '{\"domain\": \"a.com\"}', now(), 'l1')"
+        )
+    finally:
+        con.close()
+
+    known = load_known_keys(env.pipeline, COMPANY, must_exist=True)
+
+    assert known.keys["a.com"].status == "matched" and known.keys["a.com"].pks == {"1"}
