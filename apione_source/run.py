@@ -65,9 +65,16 @@ from apione_source.journal import (
 )
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
+from apione_source.output import Output
 from apione_source.reader import InputReader, InputRow, decode_cursor, encode_cursor
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
-from apione_source.tables import FINAL_STATUSES, TableNames, enrichment_row, utc_from_timestamp
+from apione_source.tables import (
+    FINAL_STATUSES,
+    TableNames,
+    enrichment_rows,
+    table_columns,
+    utc_from_timestamp,
+)
 
 logger = logging.getLogger("apione_source")
 # Each run's summary goes through dlt's own log handler (a child of its logger) at INFO,
@@ -261,6 +268,8 @@ class EnrichmentRun:
         self.joins: dict[str, tuple[Entry, dict[str, BatchItem]]] = {}
         self.wrote_outcomes = False
         self.rejected_before: set[str] = set()
+        self.out = Output(table_columns(settings.names), load_id="")
+        self.lists = list(settings.names.lists)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -270,8 +279,10 @@ class EnrichmentRun:
     def _now(self) -> datetime:
         return utc_from_timestamp(self.wall_clock())
 
-    def _table(self, name: str, rows: list[dict[str, Any]]) -> Any:
-        return dlt.mark.with_table_name(rows, name)
+    def _emit(self, table: str, rows: list[dict[str, Any]]) -> Iterator[Any]:
+        """Buffer rows of ``table``; yield the arrow tables that are full."""
+        self.out.add(table, rows)
+        yield from self.out.ready()
 
     def _progress(self) -> None:
         self._sync_stats()
@@ -299,6 +310,7 @@ class EnrichmentRun:
                 "every record is enriched (and paid for) again"
             )
         self.load_id: str = dlt.current.load_package_state()["load_id"]
+        self.out.load_id = self.load_id
         self.started_at = self._now()
         self.state: dict[str, Any] = dlt.current.resource_state()
         names = self.s.names
@@ -485,9 +497,9 @@ class EnrichmentRun:
                 if row.cursor is not None and (last_cursor is None or row.cursor > last_cursor):
                     last_cursor = row.cursor
             if rejected:
-                yield self._table(self.s.names.rejected, rejected)
+                yield from self._emit(self.s.names.rejected, rejected)
             if reused:
-                yield self._table(self.s.names.outcomes, reused)
+                yield from self._emit(self.s.names.outcomes, reused)
                 self.wrote_outcomes = True
             per_job = self.sched.records_per_job
             while not stopped and len(self.pending.items) >= per_job:
@@ -644,9 +656,9 @@ class EnrichmentRun:
             job_id, self.s.enrichment_type.value, spent, errors, self.load_id, fin
         )
         if outcomes:
-            yield self._table(self.s.names.outcomes, outcomes)
+            yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
-        yield self._table(self.s.names.jobs, [row])
+        yield from self._emit(self.s.names.jobs, [row])
 
     def _collect(self, fin: Finished) -> Iterator[Any]:
         entry = fin.entry
@@ -655,6 +667,7 @@ class EnrichmentRun:
         submitted_at = utc_from_timestamp(entry.submitted_at)
         outcomes: list[dict[str, Any]] = []
         enriched: list[dict[str, Any]] = []
+        elements: dict[str, list[dict[str, Any]]] = {f: [] for f in self.s.names.lists}
         counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
         matched, problem = self._match(entry.items, fin.results.results)
         if problem:
@@ -674,9 +687,12 @@ class EnrichmentRun:
                 status = result.status.value
                 err = result.error.message if result.error else None
                 if status == "matched":
-                    enriched.append(
-                        enrichment_row(item.key, job_id, now, result, version_hash=self.s.scd2)
+                    row, lists = enrichment_rows(
+                        item.key, job_id, now, result, self.lists, version_hash=self.s.scd2
                     )
+                    enriched.append(row)
+                    for name, rows in lists.items():
+                        elements[name].extend(rows)
             counts[status] += 1
             outcomes.extend(
                 ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
@@ -689,12 +705,14 @@ class EnrichmentRun:
         self.collected.append(entry)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
-            yield self._table(self.s.names.enrichment, enriched)
+            yield from self._emit(self.s.names.enrichment, enriched)
+        for name, rows in elements.items():
+            yield from self._emit(self.s.names.lists[name], rows)
         if outcomes:
-            yield self._table(self.s.names.outcomes, outcomes)
+            yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
         status = "mismatched" if problem else COMPLETED
-        yield self._table(
+        yield from self._emit(
             self.s.names.jobs,
             [
                 ledger.finished_job_row(
@@ -735,7 +753,7 @@ class EnrichmentRun:
         journal = self.journal
         still_running = [e for e in journal.in_phase(IN_FLIGHT) if e not in self.collected]
         if still_running:
-            yield self._table(
+            yield from self._emit(
                 self.s.names.jobs,
                 [
                     ledger.in_flight_job_row(e, self.s.enrichment_type.value, self.load_id)
@@ -745,7 +763,7 @@ class EnrichmentRun:
         self._sync_stats()
         self.stats.carried_over = len(still_running)
         summary = self.stats.summary()
-        yield self._table(
+        yield from self._emit(
             self.s.names.runs,
             [
                 ledger.run_row(
@@ -758,6 +776,7 @@ class EnrichmentRun:
                 )
             ],
         )
+        yield from self.out.flush()
         # Everything below commits with this extract (dlt state) or points at this load
         # package (journal): no yield after this point.
         journal.collected(self.collected, self.load_id)

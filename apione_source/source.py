@@ -227,7 +227,7 @@ def apione(
         yield from EnrichmentRun(settings, client, reader)
 
     resource = dlt.resource(enrichment, name=resource_name, write_disposition="append")
-    apply_table_hints(resource, names, etype, scd2)
+    apply_table_hints(resource, names, scd2)
     return resource
 
 

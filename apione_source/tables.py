@@ -12,9 +12,17 @@ table                  merge key                  one row per
 
 ``<p>`` is the configurable prefix (default ``apione_``) and ``<t>`` is ``companies``,
 ``people`` or ``email_checks``: outcomes and rejections are per type because the input
-tables' primary keys of different types may collide. Nested lists of the enrichment
-(tags, technologies, employment history) become dlt child tables, e.g.
-``apione_companies__tags``.
+tables' primary keys of different types may collide. Nested objects of the enrichment
+become flat columns (``location__city``); its lists (tags, technologies, employment
+history) become list tables, one row per element, e.g. ``apione_companies_tags``
+(``key``, ``job_id``, ``idx``, ``value``): join them to the enrichment on ``key`` *and*
+``job_id``, so a re-enriched key shows the lists of its current enrichment only.
+
+Every table reaches dlt as arrow tables typed by these hints (:mod:`apione_source.output`),
+which dlt writes as parquet where the destination takes it: its fastest load path.
+Facts that never change once written (outcomes, list elements) are merged
+``insert-only`` (a result collected twice after a crash is kept once); what is updated
+(the enrichment of a key, a job's status, a rejection) is merged ``delete-insert``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,10 @@ class TableNames:
 
     def __init__(self, prefix: str, enrichment_type: EnrichmentType) -> None:
         """Build the names from ``prefix`` (e.g. ``apione_``)."""
+        self.enrichment_type = enrichment_type
         self.enrichment = f"{prefix}{ENRICHMENT_TABLES[enrichment_type]}"
+        # list field -> its list table, e.g. tags -> apione_companies_tags
+        self.lists = {f: f"{self.enrichment}_{f}" for f in list_fields(enrichment_type)}
         self.jobs = f"{prefix}jobs"
         self.runs = f"{prefix}runs"
         self.outcomes = f"{self.enrichment}_outcomes"
@@ -77,37 +88,69 @@ def _columns(spec: str) -> TTableSchemaColumns:
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``Model | None``, if that is what ``annotation`` is."""
-    if get_origin(annotation) is list:
-        return None  # lists become child tables, not columns
     for candidate in (annotation, *get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
 
 
+def _list_element(annotation: Any) -> Any:
+    """The element type of ``list[X]`` (or ``list[X] | None``), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if get_origin(candidate) is list:
+            return get_args(candidate)[0]
+    return None
+
+
+def list_fields(enrichment_type: EnrichmentType) -> list[str]:
+    """The payload fields that are lists: each becomes a list table ``<table>__<field>``."""
+    model = PAYLOAD_MODELS[enrichment_type]
+    return [n for n, f in model.model_fields.items() if _list_element(f.annotation) is not None]
+
+
+def _flat_columns(model: type[BaseModel], prefix: str = "") -> TTableSchemaColumns:
+    """Typed columns of ``model`` with nested objects flattened (``location__city``)."""
+    columns: TTableSchemaColumns = {}
+    typed = pydantic_to_table_schema_columns(model)
+    for name, field in model.model_fields.items():
+        if _list_element(field.annotation) is not None:
+            continue  # a list table, not a column
+        nested = _nested_model(field.annotation)
+        if nested is not None:
+            columns.update(_flat_columns(nested, f"{prefix}{name}__"))
+        elif name in typed and typed[name].get("data_type") not in (None, "json"):
+            columns[f"{prefix}{name}"] = {
+                **typed[name],
+                "name": f"{prefix}{name}",
+                "nullable": True,  # the API may leave out anything but the key
+            }
+    return columns
+
+
 def enrichment_columns(enrichment_type: EnrichmentType) -> TTableSchemaColumns:
     """Typed columns of an enrichment table, from the pydantic payload model.
 
-    Nested objects and lists are left out on purpose: typed as ``json`` they would land
-    as JSON blobs, while left to dlt they become flat columns (``location__city``) and
-    child tables (``<table>__tags``) that dbt can join without JSON functions.
+    Nested objects become flat columns (``location__city``) and lists become list tables
+    (:func:`list_table_columns`), so dbt joins them without JSON functions.
     """
-    model = PAYLOAD_MODELS[enrichment_type]
-    columns: TTableSchemaColumns = {}
-    for name, col in pydantic_to_table_schema_columns(model).items():
-        nested = _nested_model(model.model_fields[name].annotation)
-        if nested is not None:
-            # type the flattened columns too, so all-null ones still materialize
-            for sub, sub_col in pydantic_to_table_schema_columns(nested).items():
-                if sub_col.get("data_type") != "json":
-                    columns[f"{name}__{sub}"] = {
-                        **sub_col,
-                        "name": f"{name}__{sub}",
-                        "nullable": True,
-                    }
-        elif col.get("data_type") != "json":
-            columns[name] = col
+    columns = _flat_columns(PAYLOAD_MODELS[enrichment_type])
     columns.update(_columns("key:text! job_id:text! enriched_at:timestamp! data_hash:text"))
+    return columns
+
+
+def list_table_columns(enrichment_type: EnrichmentType, field: str) -> TTableSchemaColumns:
+    """Columns of the list table of ``field``.
+
+    The key and job it belongs to and the element's position, then the element: ``value``
+    for a list of scalars, flat columns for a list of objects.
+    """
+    columns = _columns("key:text! job_id:text! idx:bigint!")
+    element = _list_element(PAYLOAD_MODELS[enrichment_type].model_fields[field].annotation)
+    model = _nested_model(element)
+    if model is not None:
+        columns.update(_flat_columns(model))
+    else:
+        columns.update(_columns("value:text"))
     return columns
 
 
@@ -119,13 +162,13 @@ JOB_COLUMNS = _columns(
 )
 OUTCOME_COLUMNS = _columns(
     "outcome_id:text! input_pk:text key:text! job_id:text attempt:bigint status:text! "
-    "error:text input:json finished_at:timestamp! submitted_at:timestamp load_id:text"
+    "error:text input:text finished_at:timestamp! submitted_at:timestamp load_id:text"
 )
 RUN_COLUMNS = _columns(
     "load_id:text! pipeline_name:text type:text started_at:timestamp finished_at:timestamp "
-    "rows_read:bigint rows_rejected:bigint rejected_by_reason:json rows_already_fresh:bigint "
+    "rows_read:bigint rows_rejected:bigint rejected_by_reason:text rows_already_fresh:bigint "
     "jobs_submitted:bigint records_submitted:bigint records_collected:bigint "
-    "records_resubmitted:bigint resubmitted_by_reason:json jobs_spent_by_reason:json "
+    "records_resubmitted:bigint resubmitted_by_reason:text jobs_spent_by_reason:text "
     "jobs_mismatched:bigint jobs_deferred:bigint jobs_carried_over:bigint"
 )
 REJECTED_COLUMNS = _columns(
@@ -141,53 +184,107 @@ def outcome_id(job_id: str | None, input_pk: str | None, key: str) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()
 
 
-def enrichment_row(
-    key: str, job_id: str, enriched_at: datetime, result: RecordResult, *, version_hash: bool
-) -> dict[str, Any]:
-    """The enrichment-table row of one matched result.
+def _flatten(data: dict[str, Any], prefix: str, into: dict[str, Any]) -> None:
+    for name, value in data.items():
+        if isinstance(value, dict):
+            _flatten(value, f"{prefix}{name}__", into)
+        else:
+            into[f"{prefix}{name}"] = value
+
+
+def enrichment_rows(
+    key: str,
+    job_id: str,
+    enriched_at: datetime,
+    result: RecordResult,
+    lists: list[str],
+    *,
+    version_hash: bool,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The enrichment-table row of one matched result, and its list-table rows.
 
     Args:
         key: The normalized key.
         job_id: The job that produced it.
         enriched_at: When it was collected.
         result: The matched result.
+        lists: The payload fields that go to list tables (:func:`list_fields`).
         version_hash: Add ``data_hash``, the row version SCD2 compares (skipped
             otherwise: hashing every payload costs time for nothing).
+
+    Returns:
+        The flat row, and list field -> its element rows (``key``, ``job_id``, ``idx``,
+        then ``value`` or the element's flat columns). A list the API sent as something
+        else than a list is kept as a column (it lands as JSON) rather than dropped.
     """
     data = dict(result.data or {})
+    row: dict[str, Any] = {}
+    elements: dict[str, list[dict[str, Any]]] = {}
+    for name in lists:
+        values = data.get(name)
+        if isinstance(values, list):
+            del data[name]
+            elements[name] = [_element(key, job_id, i, v) for i, v in enumerate(values)]
     if version_hash:
         # Hash the payload without its own timestamp, so SCD2 opens a new version only
         # when the enrichment really changed.
-        stable = {k: v for k, v in data.items() if k != "updated_at"}
+        stable = {k: v for k, v in (result.data or {}).items() if k != "updated_at"}
         blob = json.dumps(stable, sort_keys=True, default=str).encode()
-        data["data_hash"] = hashlib.sha1(blob).hexdigest()
-    data.update(key=key, job_id=job_id, enriched_at=enriched_at)
-    return data
+        row["data_hash"] = hashlib.sha1(blob).hexdigest()
+    _flatten(data, "", row)
+    row.update(key=key, job_id=job_id, enriched_at=enriched_at)
+    return row, elements
 
 
-def apply_table_hints(
-    resource: DltResource, names: TableNames, etype: EnrichmentType, scd2: bool
-) -> None:
+def _element(key: str, job_id: str, idx: int, value: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"key": key, "job_id": job_id, "idx": idx}
+    if isinstance(value, dict):
+        _flatten(value, "", row)
+    else:
+        row["value"] = value
+    return row
+
+
+def table_columns(names: TableNames) -> dict[str, TTableSchemaColumns]:
+    """The hinted columns of every table, by table name (the arrow schemas follow them)."""
+    etype = names.enrichment_type
+    columns = {
+        names.enrichment: enrichment_columns(etype),
+        names.jobs: JOB_COLUMNS,
+        names.runs: RUN_COLUMNS,
+        names.outcomes: OUTCOME_COLUMNS,
+        names.rejected: REJECTED_COLUMNS,
+    }
+    for field, table in names.lists.items():
+        columns[table] = list_table_columns(etype, field)
+    return columns
+
+
+def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> None:
     """Give each table the resource yields to its own merge key, columns and disposition."""
-    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
-    enrichment_disposition: Any = (
+    update: Any = {"disposition": "merge", "strategy": "delete-insert"}
+    facts: Any = {"disposition": "merge", "strategy": "insert-only"}
+    enrichment: Any = (
         {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
         if scd2
-        else merge
+        else update
     )
-    variants: list[tuple[str, Any, Any, Any]] = [
-        (names.enrichment, enrichment_disposition, enrichment_columns(etype), "key"),
-        (names.jobs, merge, JOB_COLUMNS, "job_id"),
-        (names.runs, merge, RUN_COLUMNS, ["load_id", "type"]),
-        (names.outcomes, merge, OUTCOME_COLUMNS, "outcome_id"),
-        (names.rejected, merge, REJECTED_COLUMNS, "input_pk"),
-    ]
-    for table, disposition, columns, key in variants:
+    keys: dict[str, tuple[Any, Any]] = {
+        names.enrichment: (enrichment, "key"),
+        names.jobs: (update, "job_id"),
+        names.runs: (update, ["load_id", "type"]),
+        names.outcomes: (facts, "outcome_id"),
+        names.rejected: (update, "input_pk"),
+        **{table: (facts, ["key", "job_id", "idx"]) for table in names.lists.values()},
+    }
+    for table, columns in table_columns(names).items():
+        disposition, key = keys[table]
+        scd2_table = scd2 and table == names.enrichment
         resource.apply_hints(
             table_name=table,
             write_disposition=disposition,
             columns=columns,
-            primary_key=None if scd2 and table == names.enrichment else key,
-            merge_key=key if scd2 and table == names.enrichment else None,
+            primary_key=None if scd2_table else key,
+            merge_key=key if scd2_table else None,
             create_table_variant=True,
         )

@@ -53,7 +53,7 @@ MERGE_KEYS = {
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
 }
-CHILD_TABLES = (f"{COMPANY.enrichment}__tags", f"{COMPANY.enrichment}__technologies")
+CHILD_TABLES = (f"{COMPANY.enrichment}_tags", f"{COMPANY.enrichment}_technologies")
 
 
 # --- the input ------------------------------------------------------------------------------
@@ -173,8 +173,8 @@ def snapshot(dest: Dest) -> Snapshot:
         sel = ", ".join(f'c."{c}"' for c in child_cols)
         children[child] = sorted(
             dest.query(
-                f"SELECT p.key, c._dlt_list_idx, {sel} FROM enriched.{child} c "
-                f"JOIN enriched.{COMPANY.enrichment} p ON c._dlt_parent_id = p._dlt_id"
+                f"SELECT p.key, c.idx, {sel} FROM enriched.{child} c "
+                f"JOIN enriched.{COMPANY.enrichment} p ON c.key = p.key AND c.job_id = p.job_id"
             ),
             key=repr,
         )
@@ -364,7 +364,7 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
     for child in CHILD_TABLES:
         orphans = dest.query(
             f"SELECT count(*) FROM enriched.{child} c LEFT JOIN enriched.{COMPANY.enrichment} p "
-            f"ON c._dlt_parent_id = p._dlt_id WHERE p._dlt_id IS NULL"
+            f"ON c.key = p.key AND c.job_id = p.job_id WHERE p.key IS NULL"
         )[0][0]
         assert orphans == 0, f"{child} has {orphans} orphaned row(s)"
 

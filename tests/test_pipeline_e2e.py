@@ -64,7 +64,7 @@ def test_given_new_table_when_first_run_then_everything_is_loaded_once(
 
     # nested lists became child tables
     tables = env.tables()
-    for child in (f"{COMPANY.enrichment}__tags", f"{COMPANY.enrichment}__technologies"):
+    for child in (f"{COMPANY.enrichment}_tags", f"{COMPANY.enrichment}_technologies"):
         assert child in tables
         assert env.count(child) > 0
 
@@ -563,8 +563,8 @@ def test_given_people_type_when_run_then_people_table_and_history_are_loaded(
 
     tables = env.tables()
     assert PEOPLE.enrichment in tables
-    assert f"{PEOPLE.enrichment}__employment_history" in tables
-    assert env.count(f"{PEOPLE.enrichment}__employment_history") > 0
+    assert f"{PEOPLE.enrichment}_employment_history" in tables
+    assert env.count(f"{PEOPLE.enrichment}_employment_history") > 0
     assert COMPANY.enrichment not in tables
     assert env.count(PEOPLE.enrichment) > 40
     assert_no_duplicate_keys(env, PEOPLE.enrichment)

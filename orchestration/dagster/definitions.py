@@ -40,14 +40,14 @@ DATASET = os.environ.get("DATASET", "enriched")
 TABLES: dict[str, dict[str, str]] = {
     "company": {
         "companies": "One row per enriched company (merge key `key`).",
-        "companies__tags": "Tags of an enriched company (join on `_dlt_parent_id`).",
-        "companies__technologies": "Technologies of a company (join on `_dlt_parent_id`).",
+        "companies_tags": "Tags of an enriched company (join on `key` and `job_id`).",
+        "companies_technologies": "Technologies of a company (join on `key` and `job_id`).",
         "companies_outcomes": "One row per input row and attempt: status, key, job.",
         "companies_rejected": "Input rows that could not be sent, with a reason.",
     },
     "people": {
         "people": "One row per enriched person (merge key `key`).",
-        "people__employment_history": "Employment history (join on `_dlt_parent_id`).",
+        "people_employment_history": "Employment history (join on `key` and `job_id`).",
         "people_outcomes": "One row per input row and attempt: status, key, job.",
         "people_rejected": "Input rows that could not be sent, with a reason.",
     },

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.dagster
 DEFINITIONS = ROOT / "orchestration" / "dagster" / "definitions.py"
 TABLES = [
     "apione_companies",
-    "apione_companies__tags",
-    "apione_companies__technologies",
+    "apione_companies_tags",
+    "apione_companies_technologies",
     "apione_companies_outcomes",
     "apione_companies_rejected",
     "apione_jobs",

@@ -31,8 +31,8 @@ from tests.conftest import SANDBOX_API_KEY
 from tests.warehouses.harness import Env
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
-TAGS = f"{COMPANY.enrichment}__tags"
-TECHNOLOGIES = f"{COMPANY.enrichment}__technologies"
+TAGS = f"{COMPANY.enrichment}_tags"
+TECHNOLOGIES = f"{COMPANY.enrichment}_technologies"
 TEN_KB = "a" * 10_240
 
 
@@ -147,7 +147,7 @@ class CoreScenarios:
             assert (env.count(child) or 0) > 0, child
         orphans = env.query(
             f"SELECT count(*) FROM {env.out(TAGS)} t LEFT JOIN {env.out(COMPANY.enrichment)} e "
-            f"ON t._dlt_parent_id = e._dlt_id WHERE e._dlt_id IS NULL"
+            f"ON t.key = e.key AND t.job_id = e.job_id WHERE e.key IS NULL"
         )
         assert orphans == [(0,)]
         # the job ledger accounts for every unique record
@@ -228,7 +228,14 @@ class Scenarios(CoreScenarios):
         for key, job_id, enriched_at in second:
             assert job_id not in old_jobs, f"{key} still points at the first run's job"
             assert enriched_at > first[key][1]
-        assert env.count(TAGS) == tags_before  # child rows replaced, not appended
+        # each enrichment keeps its own list rows; joined on key and job_id, the current
+        # enrichment shows exactly one list (no old and new tags mixed)
+        assert env.count(TAGS) == 2 * tags_before
+        current_tags = env.query(
+            f"SELECT count(*) FROM {env.out(TAGS)} t JOIN {env.out(COMPANY.enrichment)} e "
+            f"ON t.key = e.key AND t.job_id = e.job_id"
+        )
+        assert current_tags == [(tags_before,)]
         # one outcome row per input row per attempt, and two jobs in the ledger
         assert set(outcomes_per_pk(env).values()) == {2}
         assert len(env.query(f"SELECT job_id FROM {env.out(COMPANY.jobs)}")) == 2

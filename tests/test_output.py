@@ -1,0 +1,133 @@
+"""Rows to arrow tables (output.py) and the shapes of the enrichment and list tables."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from apione_source.models import EnrichmentType, RecordResult, RecordStatus
+from apione_source.output import Output
+from apione_source.tables import TableNames, enrichment_rows, table_columns
+
+COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
+PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def _output(names: TableNames) -> Output:
+    return Output(table_columns(names), load_id="1234.5", flush_rows=3)
+
+
+def test_given_api_text_when_converted_then_columns_get_their_hinted_types() -> None:
+    out = _output(COMPANY)
+    table = out.to_arrow(
+        COMPANY.enrichment,
+        [
+            {
+                "key": "a.io",
+                "job_id": "j",
+                "enriched_at": NOW,
+                "employee_count": 12,
+                "updated_at": "2024-02-03T16:02:18Z",
+            },
+            {
+                "key": "b.io",
+                "job_id": "j",
+                "enriched_at": NOW,
+                "employee_count": None,
+                "updated_at": None,
+            },
+        ],
+    )
+    assert table.schema.field("employee_count").type == pa.int64()
+    assert pa.types.is_timestamp(table.schema.field("updated_at").type)
+    assert table.column("updated_at")[0].as_py() == datetime(
+        2024, 2, 3, 16, 2, 18, tzinfo=timezone.utc
+    )
+    # dlt's own columns, as on rows dlt normalizes itself
+    assert table.column("_dlt_load_id").to_pylist() == ["1234.5", "1234.5"]
+    assert len(set(table.column("_dlt_id").to_pylist())) == 2
+
+
+def test_given_a_value_of_the_wrong_type_when_converted_then_it_is_kept_in_a_variant() -> None:
+    table = _output(COMPANY).to_arrow(
+        COMPANY.enrichment,
+        [
+            {"key": "a.io", "job_id": "j", "enriched_at": NOW, "employee_count": "about 10"},
+            {"key": "b.io", "job_id": "j", "enriched_at": NOW, "employee_count": 7},
+        ],
+    )
+    assert table.column("employee_count").to_pylist() == [None, 7]
+    assert table.column("employee_count__v_text").to_pylist() == ["about 10", None]
+
+
+def test_given_unknown_fields_and_objects_in_text_columns_then_nothing_is_dropped() -> None:
+    out = _output(COMPANY)
+    table = out.to_arrow(
+        COMPANY.outcomes,
+        [
+            {
+                "outcome_id": "o1",
+                "key": "a.io",
+                "status": "matched",
+                "finished_at": NOW,
+                "input": {"domain": "a.io"},
+                "new_field": 3,
+            },
+            {
+                "outcome_id": "o2",
+                "key": "b.io",
+                "status": "matched",
+                "finished_at": NOW,
+                "input": None,
+                "new_field": "x",
+            },
+        ],
+    )
+    assert [json.loads(v) if v else v for v in table.column("input").to_pylist()] == [
+        {"domain": "a.io"},
+        None,
+    ]
+    assert table.column("new_field").to_pylist() == ["3", '"x"']  # mixed types: JSON text
+
+
+def test_given_rows_over_the_flush_size_then_only_full_tables_are_handed_over() -> None:
+    out = _output(COMPANY)
+    rows = [{"job_id": f"j{i}", "status": "completed"} for i in range(4)]
+    out.add(COMPANY.jobs, rows[:2])
+    assert list(out.ready()) == []
+    out.add(COMPANY.jobs, rows[2:])
+    [ready] = list(out.ready())
+    assert ready.data.num_rows == 4 and ready.meta.table_name == COMPANY.jobs
+    assert out.buffered == 0
+    out.add(COMPANY.runs, [{"load_id": "1", "type": "company"}])
+    assert [t.data.num_rows for t in out.flush()] == [1]
+
+
+def test_given_a_person_then_objects_flatten_and_lists_go_to_their_list_table() -> None:
+    result = RecordResult(
+        index=0,
+        input={"email": "a@b.io"},
+        status=RecordStatus.MATCHED,
+        data={
+            "full_name": "A B",
+            "company": {"name": "B", "domain": "b.io"},
+            "employment_history": [
+                {"company": "B", "title": "CTO", "start_date": "2020-01-01"},
+                {"company": "C", "title": "Dev"},
+            ],
+        },
+    )
+    row, lists = enrichment_rows(
+        "a@b.io", "j1", NOW, result, list(PEOPLE.lists), version_hash=False
+    )
+    assert row["company__domain"] == "b.io" and "employment_history" not in row
+    history = lists["employment_history"]
+    assert [(r["key"], r["job_id"], r["idx"], r["title"]) for r in history] == [
+        ("a@b.io", "j1", 0, "CTO"),
+        ("a@b.io", "j1", 1, "Dev"),
+    ]
+    table = _output(PEOPLE).to_arrow(PEOPLE.lists["employment_history"], history)
+    assert table.column("start_date").to_pylist()[0].isoformat() == "2020-01-01"
