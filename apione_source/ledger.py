@@ -6,6 +6,7 @@ Pure functions: given what happened, the row that records it. Every row carries 
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ def outcome_row(
         "attempt": attempt,
         "status": status,
         "error": error,
-        "input": record,
+        "input": None if record is None else json.dumps(record),  # JSON text
         "finished_at": finished_at,
         "submitted_at": submitted_at,
         "load_id": load_id,
@@ -183,5 +184,6 @@ def run_row(
         "type": type_,
         "started_at": started_at,
         "finished_at": finished_at,
-        **summary,
+        # the *_by_reason dicts as JSON text
+        **{k: json.dumps(v) if isinstance(v, dict) else v for k, v in summary.items()},
     }

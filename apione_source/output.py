@@ -75,6 +75,49 @@ class Output:
         A value that does not fit its hinted type (text in a number column, say) goes to
         a ``<column>__v_text`` variant column instead, as dlt itself would do it.
         """
+        try:
+            data = self._fast(table, rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            data = self._careful(table, rows)
+        # dlt's own columns, as it adds them to rows it normalizes: lineage to _dlt_loads,
+        # and the NOT NULL columns of tables a version before arrow created
+        data = data.append_column(
+            pa.field("_dlt_load_id", pa.string(), nullable=False),
+            pa.array([self.load_id] * len(rows), type=pa.string()),
+        )
+        return data.append_column(
+            pa.field("_dlt_id", pa.string(), nullable=False),
+            pa.array(many_uniq_ids_base64(len(rows)), type=pa.string()),
+        )
+
+    def _fast(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
+        """The common case, converted by arrow itself: every value fits its column.
+
+        Timestamps and dates that arrive as ISO text (as in ApiOne's payloads) are read as
+        text and cast by arrow. Raises when a value does not fit.
+        """
+        schema = self._schemas[table]
+        present = set().union(*rows)
+        if not present <= set(schema.names):
+            raise ValueError("columns the hints do not know")  # typed from their values
+        fields, cast = [], []
+        for field in schema:
+            if field.name not in present:
+                continue
+            if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
+                first = next((r[field.name] for r in rows if r.get(field.name) is not None), None)
+                if isinstance(first, str):
+                    cast.append(field)
+                    field = pa.field(field.name, pa.string())
+            fields.append(field)
+        data = pa.Table.from_pylist(rows, schema=pa.schema(fields))
+        for field in cast:
+            i = data.schema.get_field_index(field.name)
+            data = data.set_column(i, field, data.column(i).cast(field.type))
+        return data
+
+    def _careful(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
+        """Column by column: unknown columns inferred, misfits kept in variant columns."""
         schema = self._schemas[table]
         names = list(dict.fromkeys(name for row in rows for name in row))
         arrays, fields = [], []
@@ -95,12 +138,6 @@ class Output:
             if misfits is not None:
                 arrays.append(misfits)
                 fields.append(pa.field(f"{name}__v_text", pa.string()))
-        # dlt's own columns, as it adds them to rows it normalizes: lineage to _dlt_loads,
-        # and the NOT NULL columns of tables a version before arrow created
-        arrays.append(pa.array([self.load_id] * len(rows), type=pa.string()))
-        fields.append(pa.field("_dlt_load_id", pa.string(), nullable=False))
-        arrays.append(pa.array(many_uniq_ids_base64(len(rows)), type=pa.string()))
-        fields.append(pa.field("_dlt_id", pa.string(), nullable=False))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
