@@ -22,7 +22,7 @@ from apione_source.tables import FINAL_STATUSES, TableNames
 LOADS_TABLE = "_dlt_loads"
 
 
-@dataclass
+@dataclass(slots=True)
 class KeyState:
     """What earlier runs recorded for one normalized key."""
 

@@ -31,7 +31,7 @@ class Output:
     """Rows per table, yielded to dlt as typed arrow tables."""
 
     def __init__(
-        self, columns: dict[str, TTableSchemaColumns], load_id: str, flush_rows: int = 50_000
+        self, columns: dict[str, TTableSchemaColumns], load_id: str, flush_rows: int = 10_000
     ) -> None:
         """Prepare buffers for the tables in ``columns`` (table -> hinted columns).
 

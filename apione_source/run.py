@@ -263,7 +263,9 @@ class EnrichmentRun:
         self.known = KnownKeys()
         self.pending = _Pending()
         self.to_send: list[Entry] = []  # journal entries with records to send
-        self.collected: list[Entry] = []  # entries whose results go into this package
+        self.collected: dict[
+            str, Entry
+        ] = {}  # entry id -> entry whose results go into this package
         self.reserved: dict[str, Entry] = {}  # key -> the open entry that carries it
         self.joins: dict[str, tuple[Entry, dict[str, BatchItem]]] = {}
         self.wrote_outcomes = False
@@ -697,12 +699,15 @@ class EnrichmentRun:
             outcomes.extend(
                 ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
             )
+            # The rows of a job sent this run were read already (once per run): a later
+            # row of the key is another row. Leaving them out keeps memory per key small.
+            pks = set() if entry.sent_in_load == self.load_id else set(item.pks)
             self.known.keys[item.key] = KeyState(
-                status, now, job_id, item.record, set(item.pks), submitted_at=submitted_at
+                status, now, job_id, item.record, pks, submitted_at=submitted_at
             )
             self.reserved.pop(item.key, None)
         self.stats.records_collected += len(entry.items)
-        self.collected.append(entry)
+        self.collected[entry.entry_id] = entry
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
             yield from self._emit(self.s.names.enrichment, enriched)
@@ -720,6 +725,7 @@ class EnrichmentRun:
                 )
             ],
         )
+        entry.items = []  # in the rows above now: memory stays flat over a long run
 
     def _match(
         self, items: list[BatchItem], results: list[RecordResult]
@@ -751,7 +757,7 @@ class EnrichmentRun:
 
     def _finish(self) -> Iterator[Any]:
         journal = self.journal
-        still_running = [e for e in journal.in_phase(IN_FLIGHT) if e not in self.collected]
+        still_running = [e for e in journal.in_phase(IN_FLIGHT) if e.entry_id not in self.collected]
         if still_running:
             yield from self._emit(
                 self.s.names.jobs,
@@ -779,12 +785,12 @@ class EnrichmentRun:
         yield from self.out.flush()
         # Everything below commits with this extract (dlt state) or points at this load
         # package (journal): no yield after this point.
-        journal.collected(self.collected, self.load_id)
+        journal.collected(list(self.collected.values()), self.load_id)
         journal.joined(
             [
                 (entry, list(items.values()))
                 for entry, items in self.joins.values()
-                if entry.phase in (IN_FLIGHT, TO_SEND) and entry not in self.collected
+                if entry.phase in (IN_FLIGHT, TO_SEND) and entry.entry_id not in self.collected
             ]
         )
         unsent_cursor = self.pending.min_cursor()

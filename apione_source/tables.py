@@ -20,9 +20,9 @@ history) become list tables, one row per element, e.g. ``apione_companies_tags``
 
 Every table reaches dlt as arrow tables typed by these hints (:mod:`apione_source.output`),
 which dlt writes as parquet where the destination takes it: its fastest load path.
-Facts that never change once written (outcomes, list elements) are merged
-``insert-only`` (a result collected twice after a crash is kept once); what is updated
-(the enrichment of a key, a job's status, a rejection) is merged ``delete-insert``.
+Tables are merged ``delete-insert`` on their keys, the one strategy that also drops a
+duplicate inside a load package (a job collected again after a crash, or a load job
+dlt runs twice); ``<p>runs`` gets one row per load and is appended.
 """
 
 from __future__ import annotations
@@ -262,20 +262,19 @@ def table_columns(names: TableNames) -> dict[str, TTableSchemaColumns]:
 
 def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> None:
     """Give each table the resource yields to its own merge key, columns and disposition."""
-    update: Any = {"disposition": "merge", "strategy": "delete-insert"}
-    facts: Any = {"disposition": "merge", "strategy": "insert-only"}
+    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
     enrichment: Any = (
         {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
         if scd2
-        else update
+        else merge
     )
     keys: dict[str, tuple[Any, Any]] = {
         names.enrichment: (enrichment, "key"),
-        names.jobs: (update, "job_id"),
-        names.runs: (update, ["load_id", "type"]),
-        names.outcomes: (facts, "outcome_id"),
-        names.rejected: (update, "input_pk"),
-        **{table: (facts, ["key", "job_id", "idx"]) for table in names.lists.values()},
+        names.jobs: (merge, "job_id"),
+        names.runs: ("append", ["load_id", "type"]),  # one row per load: nothing to merge
+        names.outcomes: (merge, "outcome_id"),
+        names.rejected: (merge, "input_pk"),
+        **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
     for table, columns in table_columns(names).items():
         disposition, key = keys[table]
