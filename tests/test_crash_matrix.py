@@ -236,17 +236,9 @@ CASES = {
     "load_committed": Case(crash_table=COMPANY.enrichment),
 }
 # dlt 1.31 (a residual of dlt-hub/dlt#3023): a job that committed just before a SIGKILL,
-# before dlt recorded it, runs again when the package is resumed, so the staging table
-# holds its rows twice with the same _dlt_id. The delete-insert merge dedups a single
-# table (ROW_NUMBER by primary key) and nested tables (by row key), but the root of a
-# chain with nested tables only through a temp table of row keys, `WHERE _dlt_id IN`:
-# both copies pass and every enriched row of that job is in apione_companies twice.
-# On an empty pipelines dir the package is gone and the journal fetches the jobs again.
-KNOWN_DLT_ROOT_DUPLICATES = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="dlt re-runs a committed staging insert; the chain root is not deduped",
-)
+# before dlt recorded it, runs again when the package is resumed, so a staging table holds
+# its rows twice. Every table is a single table (no nested chain), which delete-insert
+# dedups by primary key: load_committed-kept_dir checks that nothing is left twice.
 
 
 def check_after_crash(phase: str, sb: Sandbox, dest: Dest) -> int:
@@ -318,11 +310,8 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
     tmp_path: Path,
     sandbox_factory: Callable[..., Sandbox],
     clean: tuple[Snapshot, dict[str, Any]],
-    request: pytest.FixtureRequest,
 ) -> None:
     case = CASES[phase]
-    if phase == "load_committed" and disk == "kept_dir":
-        request.applymarker(KNOWN_DLT_ROOT_DUPLICATES)
     sb = sandbox_factory(**{"seed": SEED, **case.sandbox})
     warehouse = make_warehouse(tmp_path / "warehouse.duckdb")
     workdir = tmp_path / "work"

@@ -31,9 +31,9 @@ Invariants, against the sandbox's own billing per key (``GET /_sandbox/usage``):
     ``expired`` because of that job or an older one (checked after every run).
 
 A killed run must end by its signal, or fail with dlt's ``SignalReceivedException``
-(SIGTERM), or succeed (it finished first): any other failure fails the trial. Exact
-copies of enrichment rows left by dlt itself (``KNOWN``), and rows whose latest outcome is
-for a key they no longer carry (``OLD_KEY``), are warnings unless ``APIONE_FUZZ_STRICT=1``.
+(SIGTERM), or succeed (it finished first): any other failure fails the trial. Rows whose
+latest outcome is for a key they no longer carry (``OLD_KEY``) are warnings unless
+``APIONE_FUZZ_STRICT=1``.
 
 Trials run ``APIONE_FUZZ_WORKERS`` (2) at a time; the default 12 take about 100 s on 2
 cores. Each trial's plan, runs and logs are in its tmp dir (``seed<N>-0/trial.log``).
@@ -97,7 +97,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.fuzz]
 BASE_SEED = int(os.environ.get("APIONE_FUZZ_SEED", "1000"))
 TRIALS = int(os.environ.get("APIONE_FUZZ_TRIALS", "12"))
 KEEP_STEPS = os.environ.get("APIONE_FUZZ_STEPS")  # e.g. "0,2": only these killed runs
-# Known defects outside this project are warnings unless APIONE_FUZZ_STRICT=1 (see KNOWN).
+# Known questions (OLD_KEY) are warnings unless APIONE_FUZZ_STRICT=1.
 STRICT = os.environ.get("APIONE_FUZZ_STRICT") == "1"
 # Trials run side by side (each mostly waits on its subprocesses and on job durations).
 WORKERS = int(os.environ.get("APIONE_FUZZ_WORKERS", "2"))
@@ -111,11 +111,6 @@ MERGE_KEYS = {
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
 }
-# dlt 1.31, a residual of dlt-hub/dlt#3023, reproduced deterministically by the crash
-# matrix case load_committed (xfail there): a SIGKILL after a staging insert committed but
-# before dlt recorded it makes the resumed load run it again, and the delete-insert merge
-# does not dedup the root of a chain with nested tables by row key.
-KNOWN = "known dlt defect (staging insert re-run on resume, root of nested chain not deduped)"
 # Not a billing or lifecycle defect, a question of what "latest outcome of a row" means: a
 # row whose domain changes while its old key is in flight gets that key's outcome too, and
 # that job may be the newer one, so the row's latest outcome by job order is for a key it
@@ -400,7 +395,7 @@ class Trial:
     # (c): key -> (order, job_id) of the newest job whose outcome was seen latest and matched
     matched_seen: dict[str, tuple[Any, str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    known: list[str] = field(default_factory=list)  # seen, but warnings (KNOWN, OLD_KEY)
+    known: list[str] = field(default_factory=list)  # seen, but warnings (OLD_KEY)
 
     def __post_init__(self) -> None:
         self.warehouse = self.tmp / "warehouse.duckdb"
@@ -583,11 +578,7 @@ class Trial:
             f"(a) {p}"
             for p in billing_problems(self.dest, usage["billed_per_key"], COMPANY.outcomes)
         ]
-        for p in outcome_problems(self.dest, self.valid, MERGE_KEYS):
-            if not STRICT and p.startswith(f"{COMPANY.enrichment} has ") and self.dlt_copies():
-                self.known.append(f"{KNOWN}: {p}")
-            else:
-                self.problems.append(f"(b) {p}")
+        self.problems += [f"(b) {p}" for p in outcome_problems(self.dest, self.valid, MERGE_KEYS)]
         stale = self.stale_rows()
         if stale:
             self.problems.append(
@@ -606,16 +597,6 @@ class Trial:
                 "invalid input"
             )
         self.observe(final=True)
-
-    def dlt_copies(self) -> bool:
-        """True when every duplicate key of the enrichment table is a copy of one row (the
-        same ``_dlt_id``): dlt ran a committed staging insert again (see ``KNOWN``)."""
-        table = f"enriched.{COMPANY.enrichment}"
-        keys, ids = self.dest.query(
-            f"SELECT count(*) - count(DISTINCT key), count(*) - count(DISTINCT _dlt_id) "
-            f"FROM {table}"
-        )[0]
-        return bool(keys) and keys == ids
 
     # --- the report ------------------------------------------------------------------
 
