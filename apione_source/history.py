@@ -1,15 +1,17 @@
 """What earlier runs recorded: each key's outcome history, and which loads completed.
 
 Read from the destination (the truth that survives a wiped working dir) through the
-pipeline's own SQL client, at the start of every run that reads input. The whole outcome
-history is folded into memory (about 200 bytes per key); at tens of millions of keys,
-narrow it with a cursor column and a shorter history.
+pipeline's own SQL client. When the input table shares the warehouse with the outcomes
+(DuckDB, PostgreSQL), the warehouse itself leaves out the rows with nothing to send
+(:meth:`apione_source.reader.InputReader.candidates`) and only the keys of the rows that
+come are looked up here. Otherwise the whole outcome history is folded into memory at the
+start of the run (about 200 bytes per key).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -82,15 +84,21 @@ def _aware(ts: datetime) -> datetime:
 
 
 def load_known_keys(
-    pipeline: dlt.Pipeline, names: TableNames, *, must_exist: bool, chunk_size: int = 50_000
+    pipeline: dlt.Pipeline,
+    names: TableNames,
+    *,
+    must_exist: bool,
+    keys: Sequence[str] | None = None,
+    chunk_size: int = 50_000,
 ) -> KnownKeys:
-    """Load every key's latest outcome (and its input rows) from the destination.
+    """Load keys' latest outcome (and their input rows) from the destination.
 
     Args:
         pipeline: The running pipeline.
         names: Table names.
         must_exist: True once an earlier run loaded outcomes (dlt state says so): then a
             missing table is an error, never "nothing was paid for yet".
+        keys: Only these keys (looked up 1,000 at a time); None: every key.
         chunk_size: Rows fetched per round trip.
 
     Returns:
@@ -100,6 +108,8 @@ def load_known_keys(
         DatabaseUndefinedRelation: The outcomes table is missing though it must exist.
     """
     known = KnownKeys()
+    if keys is not None and not keys:
+        return known
     try:
         with pipeline.sql_client() as client:
             cols = ["key", "status", "finished_at", "job_id", "input_pk", "input", "submitted_at"]
@@ -112,24 +122,35 @@ def load_known_keys(
                 c["submitted_at"] = "CAST(NULL AS TIMESTAMP)"
             # Job order, then attempt: never write order (an old job's report may be
             # written after a newer job's results).
-            sql = (
-                f"SELECT {', '.join(c[n] for n in cols)} FROM {table} ORDER BY "
-                f"COALESCE({c['submitted_at']}, {c['finished_at']}), {c['attempt']}, "
+            select = f"SELECT {', '.join(c[n] for n in cols)} FROM {table}"
+            order = (
+                f" ORDER BY COALESCE({c['submitted_at']}, {c['finished_at']}), {c['attempt']}, "
                 f"{c['finished_at']}"
             )
-            with client.execute_query(sql) as cur:
-                while batch := cur.fetchmany(chunk_size):
-                    for key, status, finished_at, job_id, input_pk, input_, sent in batch:
-                        _fold(
-                            known,
-                            key,
-                            status,
-                            _aware(finished_at),
-                            job_id,
-                            input_pk,
-                            input_,
-                            _aware(sent) if sent is not None else None,
-                        )
+            queries: list[tuple[str, list[str]]] = [(select + order, [])]
+            if keys is not None:
+                wanted = list(keys)
+                queries = [
+                    (
+                        f"{select} WHERE {c['key']} IN ({', '.join(['%s'] * len(part))}){order}",
+                        part,
+                    )
+                    for part in (wanted[i : i + 1000] for i in range(0, len(wanted), 1000))
+                ]
+            for sql, args in queries:
+                with client.execute_query(sql, *args) as cur:
+                    while batch := cur.fetchmany(chunk_size):
+                        for key, status, finished_at, job_id, input_pk, input_, sent in batch:
+                            _fold(
+                                known,
+                                key,
+                                status,
+                                _aware(finished_at),
+                                job_id,
+                                input_pk,
+                                input_,
+                                _aware(sent) if sent is not None else None,
+                            )
     except DatabaseUndefinedRelation:
         # Failing open here would pay for every record again: only on a first run.
         if must_exist:

@@ -75,6 +75,11 @@ def outcome_rows(
     ]
 
 
+def input_row(pk: str, key: str, fp: str, now: datetime, load_id: str) -> dict[str, Any]:
+    """An input row as read: the key it normalizes to and the fingerprint of its values."""
+    return {"input_pk": pk, "key": key, "fp": fp, "read_at": now, "load_id": load_id}
+
+
 def rejected_row(pk: str, reason: str, detail: str, now: datetime, load_id: str) -> dict[str, Any]:
     """An input row that could not be sent, and why."""
     return {

@@ -32,7 +32,7 @@ from typing import Any
 import dlt
 from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
-from dlt.destinations.exceptions import DatabaseUndefinedRelation
+from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndefinedRelation
 from dlt.destinations.sql_client import SqlClientBase
 
 from apione_source.errors import ConfigurationError
@@ -199,11 +199,33 @@ class InputSpec:
 
 @dataclass
 class InputRow:
-    """One input row: its primary key (as text; None if NULL), fields and cursor value."""
+    """One input row: its primary key (as text; None if NULL), fields and cursor value.
+
+    ``fp`` is the fingerprint of the row's input columns as the warehouse computes it
+    (:meth:`InputReader.fingerprint`), when read that way.
+    """
 
     pk: str | None
     values: dict[str, Any]
     cursor: Any = None
+    fp: str | None = None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """What the warehouse needs to leave out the rows with nothing to send.
+
+    Attributes:
+        dataset: The pipeline's dataset (holding the two tables below).
+        outcomes: The outcomes table.
+        inputs: The table of input rows as last read (``input_pk``, ``fp``, ``key``).
+        cutoffs: Final status -> outcomes finished before this are stale.
+    """
+
+    dataset: str
+    outcomes: str
+    inputs: str
+    cutoffs: dict[str, dt.datetime]
 
 
 class InputReader:
@@ -253,6 +275,81 @@ class InputReader:
                 f"(it has: {', '.join(sorted(present))})"
             )
 
+    def fingerprint(self, client: SqlClientBase[Any], alias: str = "") -> str:
+        """SQL for the MD5 of the row's input columns (DuckDB and PostgreSQL).
+
+        Computed by the warehouse both when a row is read and when it is compared with the
+        row as last read, so the two always agree; a NULL and an empty value differ.
+        """
+        parts = [
+            f"COALESCE(CAST({alias}{client.escape_column_name(c)} AS VARCHAR), CHR(30))"
+            for c in self.spec.columns.values()
+        ]
+        return f"MD5(CONCAT_WS(CHR(31), {', '.join(parts)}))"
+
+    def count(self) -> int:
+        """Rows in the input table."""
+        with self._client() as client:
+            table = client.make_qualified_table_name(self.spec.table)
+            with client.execute_query(f"SELECT COUNT(*) FROM {table}") as cur:
+                row = cur.fetchone()
+                return int(row[0]) if row else 0
+
+    def same_warehouse(self, pipeline_client: SqlClientBase[Any]) -> bool:
+        """True when the input table lives in the database the pipeline loads into.
+
+        Then the warehouse leaves out rows with nothing to send (:meth:`candidates`).
+        Only DuckDB and PostgreSQL, and only without a cursor column (which already
+        narrows the read) for now.
+        """
+        if self.spec.cursor_column is not None:
+            return False
+        with self._client() as client:
+            here = _location(client)
+        return here is not None and here == _location(pipeline_client)
+
+    def candidates(self, fresh: Freshness) -> Iterator[list[InputRow]]:
+        """Like :meth:`rows`, without the rows the warehouse knows need nothing.
+
+        Left out: rows read before with the same input values (same fingerprint, so the
+        same key) whose key's latest outcome (by job order) is final and fresh. Every
+        other row comes, with its fingerprint, ordered by primary key.
+        """
+        fields = list(self.spec.columns)
+        with self._client() as client:
+            esc = client.escape_column_name
+            table = client.make_qualified_table_name(self.spec.table)
+            outcomes = f"{esc(fresh.dataset)}.{esc(fresh.outcomes)}"
+            inputs = f"{esc(fresh.dataset)}.{esc(fresh.inputs)}"
+            pk = f"i.{esc(self.spec.primary_key)}"
+            cols = ", ".join([pk, *(f"i.{esc(c)}" for c in self.spec.columns.values())])
+            fp = self.fingerprint(client, "i.")
+            key, status, finished = esc("key"), esc("status"), esc("finished_at")
+            order = (
+                f"COALESCE({esc('submitted_at')}, {finished}) DESC, {esc('attempt')} DESC, "
+                f"{finished} DESC"
+            )
+            checks = " OR ".join(f"({status} = %s AND {finished} > %s)" for _ in fresh.cutoffs)
+            args: list[Any] = [a for item in fresh.cutoffs.items() for a in item]
+            with self._client() as probe:  # a failed probe must not spoil the read
+                have = _columns_of(probe, outcomes), _columns_of(probe, inputs)
+            exclude = have[0] >= {"key", "status", "finished_at", "submitted_at", "attempt"}
+            exclude = exclude and bool(have[1])
+            sql = (
+                f"WITH latest AS (SELECT {key}, {status}, {finished}, ROW_NUMBER() OVER "
+                f"(PARTITION BY {key} ORDER BY {order}) AS rn FROM {outcomes}), "
+                f"fresh AS (SELECT {key} FROM latest WHERE rn = 1 AND ({checks})) "
+                f"SELECT {cols}, {fp} FROM {table} i WHERE NOT EXISTS ("
+                f"SELECT 1 FROM {inputs} s JOIN fresh f ON f.{key} = s.{key} "
+                f"WHERE s.{esc('input_pk')} = CAST({pk} AS VARCHAR) AND s.{esc('fp')} = {fp}) "
+                f"ORDER BY {pk}"
+            )
+            if not exclude:  # a first run (or outcomes from before submitted_at): read all
+                sql, args = f"SELECT {cols}, {fp} FROM {table} i ORDER BY {pk}", []
+            with client.execute_query(sql, *args) as cur:
+                while batch := cur.fetchmany(self.chunk_size):
+                    yield [_to_candidate(r, fields) for r in batch]
+
     def rows(self, cursor_from: Any = None) -> Iterator[list[InputRow]]:
         """Yield input rows in chunks, ordered by cursor (if any) then primary key.
 
@@ -290,3 +387,33 @@ def _to_row(raw: Sequence[Any], fields: list[str], has_cursor: bool) -> InputRow
     values = dict(zip(fields, raw[1 : 1 + len(fields)], strict=True))
     pk = None if raw[0] is None else str(raw[0])
     return InputRow(pk=pk, values=values, cursor=raw[-1] if has_cursor else None)
+
+
+def _to_candidate(raw: Sequence[Any], fields: list[str]) -> InputRow:
+    values = dict(zip(fields, raw[1 : 1 + len(fields)], strict=True))
+    pk = None if raw[0] is None else str(raw[0])
+    return InputRow(pk=pk, values=values, fp=raw[-1])
+
+
+def _columns_of(client: SqlClientBase[Any], qualified_table: str) -> set[str]:
+    """Lower-cased column names of a table; empty when it does not exist (or is unreadable)."""
+    try:
+        with client.execute_query(f"SELECT * FROM {qualified_table} WHERE 1 = 0") as cur:
+            return {d[0].lower() for d in cur.description}
+    except (DatabaseUndefinedRelation, DatabaseTerminalException):
+        return set()  # no such table (or schema): nothing to compare with yet
+
+
+def _location(client: SqlClientBase[Any]) -> tuple[Any, ...] | None:
+    """Which database a client talks to, where that can be told for sure (else None)."""
+    creds = client.credentials
+    dialect = type(client).__module__.split(".")[-2]  # dlt.destinations.impl.<dialect>....
+    if dialect == "duckdb":
+        database = getattr(creds, "database", None)
+        if isinstance(database, str) and database not in ("", ":memory:", ":external:"):
+            return ("duckdb", str(Path(database).resolve()))
+    if dialect == "postgres":
+        parts = tuple(getattr(creds, f, None) for f in ("host", "port", "database"))
+        if all(parts):
+            return ("postgres", *parts)
+    return None

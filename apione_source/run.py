@@ -66,7 +66,13 @@ from apione_source.journal import (
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
 from apione_source.output import Output
-from apione_source.reader import InputReader, InputRow, decode_cursor, encode_cursor
+from apione_source.reader import (
+    Freshness,
+    InputReader,
+    InputRow,
+    decode_cursor,
+    encode_cursor,
+)
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import (
     FINAL_STATUSES,
@@ -478,26 +484,52 @@ class EnrichmentRun:
     # --- 3. reading and submitting ------------------------------------------------------
 
     def _read_and_submit(self, pipeline: dlt.Pipeline) -> Iterator[Any]:
-        collected_now = dict(self.known.keys)
-        self.known = load_known_keys(
-            pipeline, self.s.names, must_exist=bool(self.state.get("has_history"))
-        )
-        self.known.keys.update(collected_now)  # what this run already collected wins
-        self.rejected_before = rejected_pks(pipeline, self.s.names)
+        names = self.s.names
+        must_exist = bool(self.state.get("has_history"))
+        with pipeline.sql_client() as client:
+            in_warehouse = self.reader.same_warehouse(client)
+        if not in_warehouse:
+            # Freshness decided here: every key's history in memory.
+            collected_now = dict(self.known.keys)
+            self.known = load_known_keys(pipeline, names, must_exist=must_exist)
+            self.known.keys.update(collected_now)  # what this run already collected wins
+        self.rejected_before = rejected_pks(pipeline, names)
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
         last_cursor = decode_cursor(self.state.get("cursor")) if cursor_mode else None
         stopped = False
-        for chunk in self.reader.rows(last_cursor):
+        chunks = (
+            self.reader.candidates(
+                Freshness(
+                    str(pipeline.dataset_name), names.outcomes, names.inputs, self._cutoffs(now)
+                )
+            )
+            if in_warehouse
+            else self.reader.rows(last_cursor)
+        )
+        for chunk in chunks:
             rejected: list[dict[str, Any]] = []
             reused: list[dict[str, Any]] = []
-            for row in chunk:
+            inputs: list[dict[str, Any]] = []
+            norms = [
+                None if row.pk is None else normalize_record(self.s.enrichment_type, row.values)
+                for row in chunk
+            ]
+            looked_up = self._look_up(pipeline, norms, must_exist) if in_warehouse else {}
+            for row, norm in zip(chunk, norms, strict=True):
                 self.stats.rows_read += 1
-                if self._classify(row, now, rejected, reused) == "cap":
+                if isinstance(norm, Normalized) and row.pk is not None and row.fp is not None:
+                    inputs.append(ledger.input_row(row.pk, norm.key, row.fp, now, self.load_id))
+                if self._classify(row, norm, now, rejected, reused) == "cap":
                     stopped = True
                     break
                 if row.cursor is not None and (last_cursor is None or row.cursor > last_cursor):
                     last_cursor = row.cursor
+            for key, state in looked_up.items():
+                if self.known.keys.get(key) is state:  # not collected meanwhile: forget it
+                    del self.known.keys[key]
+            if inputs:
+                yield from self._emit(names.inputs, inputs)
             if rejected:
                 yield from self._emit(self.s.names.rejected, rejected)
             if reused:
@@ -511,6 +543,11 @@ class EnrichmentRun:
             if stopped or not self.sched.can_submit:
                 stopped = True
                 break
+        if in_warehouse and not stopped:
+            # The rows the warehouse left out had nothing to send: count them as fresh.
+            left_out = self.reader.count() - self.stats.rows_read
+            self.stats.rows_read += left_out
+            self.stats.already_fresh += left_out
         if cursor_mode and not stopped:
             # With a cursor only changed rows are read: stale keys come from the history.
             for key, ks in self.known.stale(now, self.s.ttls):
@@ -520,9 +557,24 @@ class EnrichmentRun:
             # _finish moves it back to the first row whose key stays unsent.
             self.state["cursor"] = encode_cursor(last_cursor)
 
+    def _cutoffs(self, now: datetime) -> dict[str, datetime]:
+        """Final status -> outcomes finished before this are stale."""
+        ttls = self.s.ttls
+        return {s: now - ttls.for_status(s) for s in FINAL_STATUSES}
+
+    def _look_up(
+        self, pipeline: dlt.Pipeline, norms: list[Normalized | Any], must_exist: bool
+    ) -> dict[str, KeyState]:
+        """Load the history of the keys of one chunk that this run does not know yet."""
+        keys = {n.key for n in norms if isinstance(n, Normalized)} - self.known.keys.keys()
+        found = load_known_keys(pipeline, self.s.names, must_exist=must_exist, keys=sorted(keys))
+        self.known.keys.update(found.keys)
+        return found.keys
+
     def _classify(
         self,
         row: InputRow,
+        norm: Normalized | Any,
         now: datetime,
         rejected: list[dict[str, Any]],
         reused: list[dict[str, Any]],
@@ -535,7 +587,6 @@ class EnrichmentRun:
                 ledger.rejected_row(NULL_PK, "null_primary_key", detail, now, self.load_id)
             )
             return "rejected"
-        norm = normalize_record(self.s.enrichment_type, row.values)
         if not isinstance(norm, Normalized):
             _bump(self.stats.rejected, norm.reason)
             rejected.append(

@@ -6,6 +6,7 @@ table                  merge key                  one row per
 ``<p><t>``             ``key``                    enriched key: company, person or email
 ``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
 ``<p><t>_rejected``    ``input_pk``               input row that could not be sent
+``<p><t>_inputs``      ``input_pk``               input row as last read: its key, fingerprint
 ``<p>jobs``            ``job_id``                 ApiOne job (the job ledger, all types)
 ``<p>runs``            ``load_id``, ``type``      run of a resource: its summary
 =====================  =========================  ========================================
@@ -63,6 +64,7 @@ class TableNames:
         self.runs = f"{prefix}runs"
         self.outcomes = f"{self.enrichment}_outcomes"
         self.rejected = f"{self.enrichment}_rejected"
+        self.inputs = f"{self.enrichment}_inputs"
         # Not a dlt table: the job journal, written through the SQL client (journal.py).
         self.journal = f"_{prefix}journal"
 
@@ -171,6 +173,7 @@ RUN_COLUMNS = _columns(
     "records_resubmitted:bigint resubmitted_by_reason:text jobs_spent_by_reason:text "
     "jobs_mismatched:bigint jobs_deferred:bigint jobs_carried_over:bigint"
 )
+INPUT_COLUMNS = _columns("input_pk:text! key:text! fp:text! read_at:timestamp! load_id:text")
 REJECTED_COLUMNS = _columns(
     "input_pk:text! reason:text! detail:text rejected_at:timestamp! load_id:text"
 )
@@ -254,6 +257,7 @@ def table_columns(names: TableNames) -> dict[str, TTableSchemaColumns]:
         names.runs: RUN_COLUMNS,
         names.outcomes: OUTCOME_COLUMNS,
         names.rejected: REJECTED_COLUMNS,
+        names.inputs: INPUT_COLUMNS,
     }
     for field, table in names.lists.items():
         columns[table] = list_table_columns(etype, field)
@@ -274,6 +278,7 @@ def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> N
         names.runs: ("append", ["load_id", "type"]),  # one row per load: nothing to merge
         names.outcomes: (merge, "outcome_id"),
         names.rejected: (merge, "input_pk"),
+        names.inputs: (merge, "input_pk"),
         **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
     for table, columns in table_columns(names).items():

@@ -1,0 +1,148 @@
+"""Freshness decided by the warehouse, when the input table shares it with the outcomes.
+
+The warehouse leaves out rows read before with the same values whose key has a fresh
+final outcome; everything else still goes through the connector's own checks. Each test
+runs real pipelines into one DuckDB file that holds both the input and the results, and
+asserts what was billed (the sandbox's counters) and what was read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dlt
+import duckdb
+import pytest
+
+from apione_source.models import EnrichmentType
+from apione_source.sandbox import Sandbox
+from apione_source.source import apione, run_enrichment, run_summaries
+from apione_source.tables import TableNames
+from tests.e2e import company_key, found_domains
+
+COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
+
+
+class SharedWarehouse:
+    """One DuckDB file: input ``crm.companies`` and the pipeline's dataset ``enriched``."""
+
+    def __init__(self, tmp: Path, sandbox: Sandbox) -> None:
+        self.path = tmp / "warehouse.duckdb"
+        self.sandbox = sandbox
+        self.exec("CREATE SCHEMA crm; CREATE TABLE crm.companies(id INT, domain VARCHAR)")
+        self.pipeline = dlt.pipeline(
+            pipeline_name="shared",
+            destination=dlt.destinations.duckdb(str(self.path)),
+            dataset_name="enriched",
+            pipelines_dir=str(tmp / "pipelines"),
+        )
+
+    def exec(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        con = duckdb.connect(str(self.path))
+        try:
+            return con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
+        finally:
+            con.close()
+
+    def run(self, **overrides: Any) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "api_key": self.sandbox.config.api_key,
+            "base_url": self.sandbox.base_url,
+            "enrichment_type": "company",
+            "input_table": "companies",
+            "primary_key": "id",
+            "input_dataset": "crm",
+            "input_credentials": str(self.path),
+            "wait_budget_seconds": 30,
+            **overrides,
+        }
+        run_enrichment(self.pipeline, apione(**kwargs)).raise_on_failed_jobs()
+        return run_summaries(self.pipeline)["company_enrichment"]
+
+    def billed(self) -> dict[str, int]:
+        return dict(self.sandbox.usage()["billed_per_key"])
+
+
+@pytest.fixture
+def shared(tmp_path: Path, sandbox: Sandbox) -> SharedWarehouse:
+    return SharedWarehouse(tmp_path, sandbox)
+
+
+def _insert(wh: SharedWarehouse, rows: list[tuple[int, str | None]]) -> None:
+    wh.exec(
+        f"INSERT INTO crm.companies VALUES {', '.join(['(?, ?)'] * len(rows))}",
+        [v for r in rows for v in r],
+    )
+
+
+def test_given_nothing_changed_when_run_again_then_the_warehouse_leaves_every_row_out(
+    shared: SharedWarehouse,
+) -> None:
+    domains = found_domains(30)
+    _insert(shared, [*enumerate(domains), (100, "not a domain"), (101, None)])
+    first = shared.run()
+    assert first["records_submitted"] == 30 and first["rows_rejected"] == 2
+
+    second = shared.run()
+
+    assert shared.sandbox.usage()["records_billed"] == 30
+    assert second["records_submitted"] == 0
+    # every row counted, the 30 fresh ones left out by the warehouse, the bad ones re-checked
+    assert second["rows_read"] == 32
+    assert second["rows_already_fresh"] == 30
+    assert second["rows_rejected"] == 2
+    inputs = shared.exec(f"SELECT input_pk, key FROM enriched.{COMPANY.inputs}")
+    assert sorted(inputs) == sorted((str(i), d) for i, d in enumerate(domains))
+
+
+def test_given_changed_new_and_stale_rows_then_exactly_those_are_sent(
+    shared: SharedWarehouse,
+) -> None:
+    domains = found_domains(20)
+    _insert(shared, list(enumerate(domains)))
+    shared.run()
+    fresh_ones = found_domains(3, prefix="new")
+    # row 0 changes to a new domain, row 50 is new, row 51 is new but shares row 1's key
+    shared.exec("UPDATE crm.companies SET domain = ? WHERE id = 0", [fresh_ones[0]])
+    _insert(shared, [(50, fresh_ones[1]), (51, domains[1].upper())])
+
+    second = shared.run()
+
+    billed = shared.billed()
+    assert billed[company_key(fresh_ones[0])] == 1 and billed[company_key(fresh_ones[1])] == 1
+    assert billed[company_key(domains[1])] == 1  # row 51 reused row 1's outcome
+    assert second["records_submitted"] == 2
+    latest = shared.exec(f"SELECT key FROM enriched.{COMPANY.outcomes} WHERE input_pk = '51'")
+    assert latest == [(domains[1],)]
+
+    # every outcome turns stale: every key is sent again, once
+    third = shared.run(ttl_matched_days=0, ttl_not_found_days=0)
+    assert third["records_submitted"] == 21  # 19 unchanged keys, 2 new ones; row 51 joins
+    expected = {company_key(d): 2 for d in [*domains[1:], *fresh_ones[:2]]}
+    expected[company_key(domains[0])] = 1  # row 0 no longer carries it
+    assert shared.billed() == expected
+
+
+def test_given_separate_warehouses_then_freshness_is_decided_in_python(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    wh = SharedWarehouse(tmp_path, sandbox)
+    wh.pipeline = dlt.pipeline(
+        pipeline_name="apart",
+        destination=dlt.destinations.duckdb(str(tmp_path / "out.duckdb")),
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    _insert(wh, list(enumerate(found_domains(10))))
+    wh.run()
+    second = wh.run()
+    assert second["records_submitted"] == 0 and second["rows_already_fresh"] == 10
+    assert sandbox.usage()["records_billed"] == 10
+    con = duckdb.connect(str(tmp_path / "out.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        tables = {r[0] for r in rows}
+    finally:
+        con.close()
+    assert COMPANY.inputs not in tables  # no fingerprints without a shared warehouse
