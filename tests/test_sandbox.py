@@ -294,6 +294,35 @@ def test_time_scale_shrinks_durations(
     assert status(http, sb, job_id).json()["status"] == "completed"
 
 
+def test_estimate_factor_skews_the_estimate_not_the_job(
+    sandbox_factory: Factory, http: httpx.Client, fake_clock: Any
+) -> None:
+    # 30 s of work answered as 10 s (3x low), then as 60 s (2x high); the jobs take 30 s
+    low = sandbox_factory(job_seconds_per_record=3, estimate_factor=1 / 3, clock=fake_clock)
+    high = sandbox_factory(job_seconds_per_record=3, estimate_factor=2.0, clock=fake_clock)
+    answers = [submit(http, sb, "company", domains(10)).json() for sb in (low, high)]
+    assert [a["estimated_completion_seconds"] for a in answers] == [10, 60]
+    pairs = [(low, answers[0]["job_id"]), (high, answers[1]["job_id"])]
+    fake_clock.advance(29.9)
+    assert [status(http, sb, j).json()["status"] for sb, j in pairs] == ["processing"] * 2
+    fake_clock.advance(0.1)
+    assert [status(http, sb, j).json()["status"] for sb, j in pairs] == ["completed"] * 2
+
+
+def test_processed_records_grow_linearly_while_processing(
+    sandbox_factory: Factory, http: httpx.Client, fake_clock: Any
+) -> None:
+    # what a client extrapolating the rate relies on: processed / elapsed is the rate
+    sb = sandbox_factory(queue_seconds=5, job_seconds_per_record=0.1, clock=fake_clock)
+    job_id = submit_ok(http, sb, "company", domains(1000))  # 100 s of work after 5 s queued
+    fake_clock.advance(5)
+    for _ in range(9):
+        fake_clock.advance(10)
+        body = status(http, sb, job_id).json()
+        elapsed = fake_clock.now - ts(body["started_at"])
+        assert body["processed_records"] == int(1000 * elapsed / 100)
+
+
 def test_instant_jobs_complete_at_once(sandbox: Sandbox, http: httpx.Client) -> None:
     r = submit(http, sandbox, "company", domains(3))
     assert r.json()["estimated_completion_seconds"] == 0
@@ -1236,6 +1265,8 @@ def test_failed_per_key_counts_billings_in_failed_jobs(
         {"unknown_status_calls": -1},
         {"job_id_style": "weird"},
         {"submit_answer_delay_seconds": -1},
+        {"estimate_factor": -0.5},
+        {"estimate_factor": float("inf")},
     ],
 )
 def test_drift_knob_validation(kwargs: dict[str, Any]) -> None:
@@ -1262,6 +1293,8 @@ def test_cli_flags_set_every_drift_knob() -> None:
             "odd",
             "--submit-answer-delay-seconds",
             "1.5",
+            "--estimate-factor",
+            "0.25",
         ]
     )
     config = sandbox_from_args(args).config
@@ -1274,7 +1307,8 @@ def test_cli_flags_set_every_drift_knob() -> None:
         config.unknown_status_calls,
         config.job_id_style,
         config.submit_answer_delay_seconds,
-    ) == (0.1, 0.2, 0.3, 0.4, 0.5, 3, "odd", 1.5)
+        config.estimate_factor,
+    ) == (0.1, 0.2, 0.3, 0.4, 0.5, 3, "odd", 1.5, 0.25)
     defaults = sandbox_from_args(build_parser().parse_args([])).config
     assert defaults == Sandbox().config  # the CLI's defaults are the constructor's
 

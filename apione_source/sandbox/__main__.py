@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-seconds-per-record", type=float, default=0.0)
     p.add_argument("--queue-seconds", type=float, default=0.0)
     p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument(
+        "--estimate-factor",
+        type=float,
+        default=1.0,
+        help="multiplies the estimated_completion_seconds answered (1/3: 3x too low)",
+    )
     p.add_argument("--failure-rate", type=float, default=0.0, help="share of jobs that fail")
     p.add_argument(
         "--transient-error-rate", type=float, default=0.0, help="share of 500/503/429 answers"
@@ -124,6 +130,7 @@ def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
         job_seconds_per_record=args.job_seconds_per_record,
         queue_seconds=args.queue_seconds,
         time_scale=args.time_scale,
+        estimate_factor=args.estimate_factor,
         failure_rate=args.failure_rate,
         transient_error_rate=args.transient_error_rate,
         retry_after_seconds=args.retry_after_seconds,

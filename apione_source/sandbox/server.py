@@ -264,6 +264,10 @@ class Sandbox:
         job_seconds_per_record: Extra processing seconds per record.
         queue_seconds: Seconds a job stays queued before processing.
         time_scale: Multiplies queue and processing durations.
+        estimate_factor: Multiplies the ``estimated_completion_seconds`` of every
+            submit answer (then rounded up): 1 is an honest estimate of the job's true
+            duration, 1/3 one that is 3x too low, 2 one twice too high. Jobs take as
+            long as they take; only what the answer says changes.
         failure_rate: Share of jobs that end ``failed`` (reproducible from ``seed``).
         transient_error_rate: Share of API requests answered 500, 503 or 429.
         retry_after_seconds: ``Retry-After`` of the injected 503 and 429 answers.
@@ -311,7 +315,8 @@ class Sandbox:
 
     Raises:
         ConfigurationError: Unknown plan or job id style, a rate outside ``[0, 1]``,
-            a negative duration or count, or a non-positive request timeout.
+            a negative duration, count or estimate factor, or a non-positive request
+            timeout.
     """
 
     def __init__(
@@ -325,6 +330,7 @@ class Sandbox:
         job_seconds_per_record: float = 0.0,
         queue_seconds: float = 0.0,
         time_scale: float = 1.0,
+        estimate_factor: float = 1.0,
         failure_rate: float = 0.0,
         transient_error_rate: float = 0.0,
         retry_after_seconds: int = 1,
@@ -365,6 +371,10 @@ class Sandbox:
         )
         if min(durations) < 0:
             raise ConfigurationError("durations and time_scale must not be negative")
+        if not 0 <= estimate_factor < float("inf"):
+            raise ConfigurationError(
+                f"estimate_factor must be a finite number >= 0, got {estimate_factor}"
+            )
         if unknown_status_calls < 0:
             raise ConfigurationError(
                 f"unknown_status_calls must not be negative, got {unknown_status_calls}"
@@ -384,6 +394,7 @@ class Sandbox:
             job_seconds_per_record=job_seconds_per_record,
             queue_seconds=queue_seconds,
             time_scale=time_scale,
+            estimate_factor=estimate_factor,
             failure_rate=failure_rate,
             transient_error_rate=transient_error_rate,
             retry_after_seconds=retry_after_seconds,
