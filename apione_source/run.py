@@ -29,7 +29,7 @@ import fcntl
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -91,6 +91,7 @@ summary_logger.setLevel(logging.INFO)
 _T = TypeVar("_T")
 
 NULL_PK = "<NULL>"  # rejected-table key of rows whose primary key is NULL
+_CUT = object()  # yielded by the run body where a load package may end
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,15 @@ class EnrichmentRun:
         self.wrote_outcomes = False
         self.rejected_before: set[str] = set()
         self.out = Output(table_columns(settings.names), load_id="")
+        # Results per load package; None: the whole run is one package (pipeline.run).
+        self.records_per_load: int | None = None
+        self.loads: set[str] = set()  # this run's load packages
+        self.read_cursor: Any = None  # cursor of the last input row read (cursor mode)
+        self.collected_in_slice = 0
+        self.collected_ids: set[str] = set()  # entries collected this run, in any slice
+        self._stack = ExitStack()
+        self._body: Generator[Any, None, None] | None = None
+        self._closed = False
         self.lists = list(settings.names.lists)
 
     # --- helpers ----------------------------------------------------------------------
@@ -311,52 +321,121 @@ class EnrichmentRun:
     # --- the run ----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
+        """One extract: the whole run, or (:attr:`records_per_load` set) its next slice.
+
+        A slice ends at a safe point once ``records_per_load`` results are in it, right
+        after the free slots were filled, so dlt loads it while those jobs run; the next
+        ``pipeline.run`` of the same source goes on with the run (``run_enrichment``).
+        """
+        try:
+            if self._body is None:
+                self._start()
+            self._begin_slice()
+            assert self._body is not None
+            # SIGTERM/SIGINT set a flag instead of killing us mid-submit; a second one of
+            # the same kind kills as usual.
+            with signals.intercepted_signals():
+                for item in self._body:
+                    if item is _CUT:
+                        yield from self._end_slice()
+                        return
+                    yield item
+            self.close()
+            # A run that could not do its job fails (so every orchestrator shows it red).
+            # Its package is dropped; the journal holds everything the next run needs.
+            signals.raise_if_signalled()
+            if self.sched.stop_error is not None:
+                raise self.sched.stop_error
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def finished(self) -> bool:
+        """True once the run ended (or failed): nothing more to extract."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release what the run holds (lock, event loop, connections); idempotent."""
+        if not self._closed:
+            self._closed = True
+            if self._body is not None:
+                self._body.close()  # a run stopped between slices: nothing more to do
+            self._stack.close()
+
+    def _start(self) -> None:
         pipeline = dlt.current.pipeline()
         if pipeline.dev_mode:
             logger.warning(
                 "dev_mode gives every run a new dataset: nothing loaded before is seen, so "
                 "every record is enriched (and paid for) again"
             )
-        self.load_id: str = dlt.current.load_package_state()["load_id"]
-        self.out.load_id = self.load_id
         self.started_at = self._now()
-        self.state: dict[str, Any] = dlt.current.resource_state()
         names = self.s.names
         self.reader.check()  # here, not when the source is built: that touches nothing
-        with ExitStack() as stack:
-            lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
-            stack.callback(lock.release)
-            # SIGTERM/SIGINT set a flag instead of killing us mid-submit; a second one
-            # of the same kind kills as usual.
-            stack.enter_context(signals.intercepted_signals())
-            dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
-            store = stack.enter_context(SqlStore(pipeline.sql_client, names.journal, dialect))
-            self.journal = Journal(
-                store, names.outcomes, pipeline.pipeline_name, self.load_id, self.wall_clock
-            )
-            self.journal.open(lambda loads: confirmed_loads(pipeline, sorted(loads)))
-            self.loop = asyncio.new_event_loop()
-            stack.callback(self.loop.close)
-            self.sched = JobScheduler(
-                self.client,
-                self.journal,
-                self.s.enrichment_type.value,
-                self.s.scheduler,
-                clock=self.clock,
-                wall_clock=self.wall_clock,
-                sleep=self.sleep,
-                should_stop=signals.was_signal_received,
-            )
-            stack.callback(lambda: self._await(self.client.aclose()))
-            stack.callback(lambda: self._await(self.sched.close()))
-            yield from self._run(pipeline)
-            # A run that could not do its job fails (so every orchestrator shows it red).
-            # Its package is dropped; the journal holds everything the next run needs.
-            signals.raise_if_signalled()
-            if self.sched.stop_error is not None:
-                raise self.sched.stop_error
+        stack = self._stack
+        lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
+        stack.callback(lock.release)
+        dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
+        store = stack.enter_context(SqlStore(pipeline.sql_client, names.journal, dialect))
+        load_id = dlt.current.load_package_state()["load_id"]
+        self.journal = Journal(
+            store, names.outcomes, pipeline.pipeline_name, load_id, self.wall_clock
+        )
+        self.journal.open(lambda loads: confirmed_loads(pipeline, sorted(loads)))
+        self.loop = asyncio.new_event_loop()
+        stack.callback(self.loop.close)
+        self.sched = JobScheduler(
+            self.client,
+            self.journal,
+            self.s.enrichment_type.value,
+            self.s.scheduler,
+            clock=self.clock,
+            wall_clock=self.wall_clock,
+            sleep=self.sleep,
+            should_stop=signals.was_signal_received,
+        )
+        stack.callback(lambda: self._await(self.client.aclose()))
+        stack.callback(lambda: self._await(self.sched.close()))
+        self._body = self._run(pipeline)
 
-    def _run(self, pipeline: dlt.Pipeline) -> Iterator[Any]:
+    def _begin_slice(self) -> None:
+        """Point everything that names a load package at this extract's package."""
+        self.load_id = dlt.current.load_package_state()["load_id"]
+        self.loads.add(self.load_id)
+        self.out.load_id = self.journal.run_id = self.load_id
+        self.state = dlt.current.resource_state()
+        self.collected_in_slice = 0
+
+    def _cut(self) -> Iterator[Any]:
+        """End the slice here if it holds ``records_per_load`` results (slots just filled)."""
+        if self.records_per_load is not None and self.collected_in_slice >= self.records_per_load:
+            yield _CUT
+
+    def _end_slice(self) -> Iterator[Any]:
+        """The rest of this package's rows, then what commits with it."""
+        yield from self.out.flush()
+        # Everything below commits with this extract (dlt state) or points at this load
+        # package (journal): no yield after this point.
+        self.journal.collected(list(self.collected.values()), self.load_id)
+        self.journal.joined(
+            [
+                (entry, list(items.values()))
+                for entry, items in self.joins.values()
+                if entry.phase in (IN_FLIGHT, TO_SEND) and entry.entry_id not in self.collected_ids
+            ]
+        )
+        self.collected.clear()
+        self.joins.clear()
+        if self.read_cursor is not None:
+            # never past a row that was read but not sent yet
+            unsent = self.pending.min_cursor()
+            cursor = self.read_cursor if unsent is None else min(self.read_cursor, unsent)
+            self.state["cursor"] = encode_cursor(cursor)
+        if self.wrote_outcomes:
+            self.state["has_history"] = True
+
+    def _run(self, pipeline: dlt.Pipeline) -> Generator[Any, None, None]:
         for legacy in ("stop_error", "jobs"):  # kept in state before the journal existed
             self.state.pop(legacy, None)
         journal = self.journal
@@ -406,6 +485,7 @@ class EnrichmentRun:
         while True:
             self._send_entries()
             self._submit_pending(self._cap_left())
+            yield from self._cut()
             fin = self._await(self.sched.next_finished())
             if fin is None:
                 break
@@ -497,6 +577,7 @@ class EnrichmentRun:
         now = self._now()
         cursor_mode = self.reader.spec.cursor_column is not None
         last_cursor = decode_cursor(self.state.get("cursor")) if cursor_mode else None
+        self.read_cursor = last_cursor
         stopped = False
         chunks = (
             self.reader.candidates(
@@ -524,7 +605,7 @@ class EnrichmentRun:
                     stopped = True
                     break
                 if row.cursor is not None and (last_cursor is None or row.cursor > last_cursor):
-                    last_cursor = row.cursor
+                    last_cursor = self.read_cursor = row.cursor
             for key, state in looked_up.items():
                 if self.known.keys.get(key) is state:  # not collected meanwhile: forget it
                     del self.known.keys[key]
@@ -539,6 +620,7 @@ class EnrichmentRun:
             while not stopped and len(self.pending.items) >= per_job:
                 stopped = not self._submit_pending(per_job)
                 yield from self._collect_ready()
+                yield from self._cut()
             self._progress()
             if stopped or not self.sched.can_submit:
                 stopped = True
@@ -554,8 +636,8 @@ class EnrichmentRun:
                 if ks.input and key not in self.reserved:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
         if cursor_mode:
-            # _finish moves it back to the first row whose key stays unsent.
-            self.state["cursor"] = encode_cursor(last_cursor)
+            # the slice's end moves it back to the first row whose key stays unsent
+            self.read_cursor = last_cursor
 
     def _cutoffs(self, now: datetime) -> dict[str, datetime]:
         """Final status -> outcomes finished before this are stale."""
@@ -752,13 +834,15 @@ class EnrichmentRun:
             )
             # The rows of a job sent this run were read already (once per run): a later
             # row of the key is another row. Leaving them out keeps memory per key small.
-            pks = set() if entry.sent_in_load == self.load_id else set(item.pks)
+            pks = set() if entry.sent_in_load in self.loads else set(item.pks)
             self.known.keys[item.key] = KeyState(
                 status, now, job_id, item.record, pks, submitted_at=submitted_at
             )
             self.reserved.pop(item.key, None)
         self.stats.records_collected += len(entry.items)
         self.collected[entry.entry_id] = entry
+        self.collected_ids.add(entry.entry_id)
+        self.collected_in_slice += len(entry.items)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
             yield from self._emit(self.s.names.enrichment, enriched)
@@ -808,7 +892,9 @@ class EnrichmentRun:
 
     def _finish(self) -> Iterator[Any]:
         journal = self.journal
-        still_running = [e for e in journal.in_phase(IN_FLIGHT) if e.entry_id not in self.collected]
+        still_running = [
+            e for e in journal.in_phase(IN_FLIGHT) if e.entry_id not in self.collected_ids
+        ]
         if still_running:
             yield from self._emit(
                 self.s.names.jobs,
@@ -833,23 +919,7 @@ class EnrichmentRun:
                 )
             ],
         )
-        yield from self.out.flush()
-        # Everything below commits with this extract (dlt state) or points at this load
-        # package (journal): no yield after this point.
-        journal.collected(list(self.collected.values()), self.load_id)
-        journal.joined(
-            [
-                (entry, list(items.values()))
-                for entry, items in self.joins.values()
-                if entry.phase in (IN_FLIGHT, TO_SEND) and entry.entry_id not in self.collected
-            ]
-        )
-        unsent_cursor = self.pending.min_cursor()
-        if unsent_cursor is not None and self.state.get("cursor") is not None:
-            read_up_to = decode_cursor(self.state["cursor"])
-            self.state["cursor"] = encode_cursor(min(read_up_to, unsent_cursor))
-        if self.wrote_outcomes:
-            self.state["has_history"] = True
+        yield from self._end_slice()
         dlt.current.resource_metrics().update(summary)  # shows in dlt's trace
         summary_logger.info("%s: %s", self.s.resource_name, summary_text(summary))
         if self.stats.spent:

@@ -115,6 +115,7 @@ def apione(
     table_prefix: str = "apione_",
     scd2: bool = False,
     chunk_size: int = 10_000,
+    records_per_load: int = 50_000,
 ) -> DltResource:
     """Enrich the rows of a warehouse table with ApiOne and load the results.
 
@@ -149,6 +150,9 @@ def apione(
         table_prefix: Prefix of every table name.
         scd2: Keep the enrichment table's history with dlt's scd2 merge strategy.
         chunk_size: Input rows read per query round trip.
+        records_per_load: With ``run_enrichment``, results are loaded every this many
+            records while the next jobs run (one load package each); a plain
+            ``pipeline.run`` loads the whole run as one package.
 
     Returns:
         The ``<type>_enrichment`` resource (e.g. ``company_enrichment``), which loads
@@ -174,6 +178,7 @@ def apione(
         concurrent_jobs=(slots, 1, None),
         max_attempts=(max_attempts, 1, None),
         chunk_size=(chunk_size, 1, None),
+        records_per_load=(records_per_load, 1, None),
         max_records_per_run=(max_records_per_run, 1, None),
         wait_budget_seconds=(wait_budget_seconds, 0, None),
         job_timeout_seconds=(job_timeout_seconds, 1, None),
@@ -222,12 +227,18 @@ def apione(
         scd2=scd2,
     )
 
+    handle = RunHandle(records_per_load)
+
     def enrichment() -> Any:
-        client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
-        yield from EnrichmentRun(settings, client, reader)
+        if handle.run is None or handle.run.finished:
+            client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
+            handle.run = EnrichmentRun(settings, client, reader)
+        handle.run.records_per_load = handle.records_per_load if handle.sliced else None
+        yield from handle.run
 
     resource = dlt.resource(enrichment, name=resource_name, write_disposition="append")
     apply_table_hints(resource, names, scd2)
+    resource.apione_run = handle  # type: ignore[attr-defined]
     return resource
 
 
@@ -255,8 +266,19 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
     """
     if pipeline.has_pending_data:
         pipeline.run()
+    handles = [
+        h
+        for r in getattr(source, "resources", {}).values()
+        if isinstance(h := getattr(r, "apione_run", None), RunHandle)
+    ]
+    for handle in handles:
+        handle.sliced = True
     try:
-        return pipeline.run(source, **run_kwargs)
+        info = pipeline.run(source, **run_kwargs)
+        # the same run goes on, one load package per records_per_load results
+        while any(h.run is not None and not h.run.finished for h in handles):
+            info = pipeline.run(source, **run_kwargs)
+        return info
     except PipelineStepFailed as failed:
         cause: BaseException | None = failed
         while cause is not None and not isinstance(cause, ApiOneError):
@@ -264,6 +286,29 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         if cause is None:
             raise
         raise cause from None
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+class RunHandle:
+    """The run of one ``apione()`` source object, kept across ``pipeline.run`` calls.
+
+    ``run_enrichment`` sets :attr:`sliced`: the run then ends an extract every
+    ``records_per_load`` results and goes on at the next ``pipeline.run``.
+    """
+
+    def __init__(self, records_per_load: int) -> None:
+        """No run yet; the first extract starts it."""
+        self.records_per_load = records_per_load
+        self.sliced = False
+        self.run: EnrichmentRun | None = None
+
+    def close(self) -> None:
+        """Stop slicing; end a run left between slices (a failed load, say)."""
+        self.sliced = False
+        if self.run is not None:
+            self.run.close()
 
 
 def run_summaries(pipeline: dlt.Pipeline) -> dict[str, dict[str, Any]]:

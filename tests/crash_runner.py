@@ -466,6 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-budget", type=float, default=30.0)
     parser.add_argument("--job-timeout", type=float, default=6 * 3600.0)
     parser.add_argument("--chunk-size", type=int, default=10_000)
+    parser.add_argument("--records-per-load", type=int, default=50_000)
     parser.add_argument("--max-attempts", type=int, default=3)
     parser.add_argument("--cursor-column", default=None, help="read only rows it says changed")
     parser.add_argument("--fast-retries", action="store_true")
@@ -520,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_budget_seconds=args.wait_budget,
         job_timeout_seconds=args.job_timeout,
         chunk_size=args.chunk_size,
+        records_per_load=args.records_per_load,
         max_attempts=args.max_attempts,
         cursor_column=args.cursor_column,
     )

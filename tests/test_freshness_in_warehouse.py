@@ -146,3 +146,32 @@ def test_given_separate_warehouses_then_freshness_is_decided_in_python(
     finally:
         con.close()
     assert COMPANY.inputs not in tables  # no fingerprints without a shared warehouse
+
+
+def test_given_records_per_load_when_run_then_results_load_in_several_packages_once(
+    shared: SharedWarehouse,
+) -> None:
+    domains = found_domains(60)
+    _insert(shared, list(enumerate(domains)))
+
+    summary = shared.run(records_per_job=10, concurrent_jobs=2, records_per_load=15)
+
+    loads = shared.exec("SELECT load_id FROM enriched._dlt_loads WHERE status = 0")
+    assert len(loads) >= 3  # 60 results, a package every 15 or so
+    assert summary["records_submitted"] == 60 and summary["records_collected"] == 60
+    assert shared.sandbox.usage()["records_billed"] == 60
+    # every row once, every job completed once, one row for the run (its whole summary)
+    outcomes = shared.exec(f"SELECT input_pk, count(*) FROM enriched.{COMPANY.outcomes} GROUP BY 1")
+    assert sorted(int(pk) for pk, n in outcomes if n == 1) == list(range(60))
+    jobs = shared.exec(f"SELECT status, count(*) FROM enriched.{COMPANY.jobs} GROUP BY 1")
+    assert jobs == [("completed", 6)]
+    runs = shared.exec(f"SELECT records_collected FROM enriched.{COMPANY.runs}")
+    assert runs == [(60,)]
+    # outcomes reached the warehouse package by package, not all at the end
+    per_load = shared.exec(f"SELECT count(DISTINCT load_id) FROM enriched.{COMPANY.outcomes}")
+    assert per_load[0][0] >= 3
+    # and the next run has nothing to do
+    assert (
+        shared.run(records_per_job=10, concurrent_jobs=2, records_per_load=15)["records_submitted"]
+        == 0
+    )

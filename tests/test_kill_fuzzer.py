@@ -293,6 +293,8 @@ def make_plan(seed: int, available: frozenset[str]) -> Plan:
     # Drawn from a second stream, so the draws above stay what they were for each seed.
     rng2 = random.Random(f"{seed}/2")
     runner["cursor_column"] = rng2.choice([None, "updated_at"])
+    # results loaded in several packages per run (kills between and within them)
+    runner["records_per_load"] = rng2.choice([None, 30, 70])
     rows = _Rows(rng)
     initial = rows.draw(rng.randint(150, 300))
     steps = []
