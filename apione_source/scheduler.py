@@ -3,11 +3,12 @@
 One :class:`JobScheduler` serves one run. It never has more jobs in flight than the plan
 allows (a slot count, plus waiting out 429 ``concurrent_job_limit`` when another process
 shares the key), shrinks batches on 413, polls every job concurrently through the async
-client (first look at about the server's estimate, then capped exponential backoff with
-jitter), and stops at the run's wait budget: jobs still running then are left to the next
-run, which finds them in the journal. Every submit goes through the journal first, see
-:mod:`apione_source.journal`; the scheduler writes only ``send``, ``job``, ``unsent`` and
-``deferred``: how a finished job is settled is the run's business.
+client, paced by :class:`_Pacer` (a first look halfway through the server's estimate, then
+at the end the job's own progress predicts), and stops at the run's wait budget: jobs still
+running then are left to the next run, which finds them in the journal. Every submit goes
+through the journal first, see :mod:`apione_source.journal`; the scheduler writes only
+``send``, ``job``, ``unsent`` and ``deferred``: how a finished job is settled is the run's
+business.
 
 Clock, sleep and randomness are injected so the hard cases are testable without waiting.
 """
@@ -20,6 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from apione_source.client import AsyncApiOneClient
 from apione_source.errors import (
@@ -58,6 +60,15 @@ _MAX_LOST_STREAK = 3
 # How long polling may be interrupted by a stop request (SIGTERM/SIGINT) at most.
 _STOP_CHECK_SECONDS = 0.5
 
+# Pacing of the looks at one job (see _Pacer). Shares of the estimate, of the time a
+# prediction leaves, or of the job's age.
+_FIRST_LOOK_SHARE = 0.5  # first look this far into the estimate: early enough to see
+# progress even when the estimate is too high or the job fast, late enough to measure it
+_LATE_SHARE = 0.03  # look this much after the predicted end, so the look sees it done
+_MIN_AGE_SHARE = 0.05  # no two looks closer than this share of the job's age
+_AGE_SHARE = 0.5  # without progress to go by, wait this share of the job's age
+_JITTER = 0.02  # waits are stretched by up to this share (never shortened)
+
 
 @dataclass(frozen=True)
 class SchedulerSettings:
@@ -69,7 +80,8 @@ class SchedulerSettings:
         wait_budget_seconds: How long the run may wait for jobs; the rest carry over.
         job_timeout_seconds: A job older than this is given up and its records resubmitted.
         poll_min_seconds: Shortest pause between two looks at one job.
-        poll_max_seconds: Longest pause between two looks at one job.
+        poll_max_seconds: Longest pause between two looks at one job while nothing
+            predicts its end (a job reporting progress is looked at when it should end).
         webhook_url: Passed to ApiOne with every submit, if set.
         vanish_grace_seconds: A job ApiOne does not know (404) is taken as vanished only
             once it is this old and two looks in a row said so: a new job may not have
@@ -241,6 +253,7 @@ class JobScheduler:
     async def _submit_one(self, entry: Entry, items: list[BatchItem]) -> tuple[str, float]:
         """Send one batch. Returns what happened and how long to wait before going on."""
         self.journal.send(entry, items)
+        sent_at = self.clock()
         try:
             answer = await self.client.submit_job(
                 self.enrichment_type, [i.record for i in items], self.settings.webhook_url
@@ -258,7 +271,9 @@ class JobScheduler:
         self._lost_streak = 0
         self.counters.submitted_jobs += 1
         self.counters.submitted_records += len(items)
-        self._start_polling(entry, first_look=float(answer.estimated_completion_seconds))
+        # The job was created while the request was in the air: halfway is the best guess.
+        born = (sent_at + self.clock()) / 2
+        self._start_polling(entry, born, float(answer.estimated_completion_seconds))
         return "sent", 0.0
 
     def _lost_answer(self, entry: Entry, exc: SubmitOutcomeUnknownError) -> tuple[str, float]:
@@ -324,15 +339,18 @@ class JobScheduler:
         """Poll jobs submitted by earlier runs; each occupies a slot until it ends."""
         for entry in entries:
             self._active += 1
-            self._start_polling(entry, first_look=0.0)
+            # No estimate; its age is known from the journal (when its answer came).
+            self._start_polling(entry, self._answered(entry), None)
 
-    def _start_polling(self, entry: Entry, first_look: float) -> None:
-        self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, first_look))
+    def _answered(self, entry: Entry) -> float:
+        """When the answer creating the entry's job came (journaled), on the clock."""
+        return self.clock() - max(0.0, self.wall_clock() - entry.submitted_at)
 
-    def _backoff(self, looks: int) -> float:
-        base = self.settings.poll_min_seconds * 2.0**looks
-        capped = min(self.settings.poll_max_seconds, max(self.settings.poll_min_seconds, base))
-        return float(capped * self.rng.uniform(0.8, 1.2))
+    def _start_polling(self, entry: Entry, born: float, estimate: float | None) -> None:
+        # The job times out by the journal's time of its answer (see _look).
+        timeout_at = self._answered(entry) + self.settings.job_timeout_seconds
+        pacer = _Pacer(self.settings, self.rng, born, estimate, timeout_at)
+        self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, pacer))
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, waking early when a stop is requested."""
@@ -340,8 +358,8 @@ class JobScheduler:
         while (left := min(end - self.clock(), self.remaining)) > 0:
             await self.sleep(min(left, _STOP_CHECK_SECONDS))
 
-    async def _poll(self, entry: Entry, first_look: float) -> None:
-        delay, looks, not_found = first_look, 0, 0
+    async def _poll(self, entry: Entry, pacer: _Pacer) -> None:
+        delay, not_found = pacer.first_wait(self.clock()), 0
         try:
             while True:
                 if self.remaining <= 0 or self.stop_error is not None:
@@ -350,18 +368,19 @@ class JobScheduler:
                     await self._nap(delay)
                     if self.remaining <= 0:
                         return
-                looks += 1
-                delay = self._backoff(looks)
+                asked = self.clock()
                 try:
-                    end = await self._look(entry, not_found)
+                    seen = await self._look(entry, not_found)
                 except JobNotFoundError:
                     not_found += 1
+                    delay = pacer.retry_wait()
                     continue
                 except RetryableError as exc:
                     logger.info(
                         "job %s: status unavailable (%s); looking again later", entry.job_id, exc
                     )
                     self._note_silence(exc)
+                    delay = pacer.retry_wait()
                     continue
                 except StopRunError as exc:
                     self.stop_error = exc
@@ -377,13 +396,17 @@ class JobScheduler:
                     return
                 not_found = 0
                 self._silent_since = None
-                if end is not None:
-                    await self.finished.put(end)
+                if isinstance(seen, Finished):
+                    await self.finished.put(seen)
                     return
+                # The server answered somewhere between asking and now: halfway.
+                now = self.clock()
+                delay = pacer.next_wait(seen, (asked + now) / 2, now, self.wall_clock() - now)
         finally:
             await self._release_slot()
 
-    async def _look(self, entry: Entry, not_found: int) -> Finished | None:
+    async def _look(self, entry: Entry, not_found: int) -> Finished | Job:
+        """Look at a job once: how it ended, or the status it is in."""
         job_id = str(entry.job_id)
         try:
             status = await self.client.get_job(job_id)
@@ -399,7 +422,7 @@ class JobScheduler:
             try:
                 results = await self.client.get_results(job_id)
             except NotReadyError:
-                return None
+                return status  # completed, results not served yet: look again soon
             except JobNotFoundError as exc:
                 return Finished(entry, VANISHED, status=status, error=str(exc))
             except ResultsExpiredError as exc:
@@ -407,7 +430,7 @@ class JobScheduler:
             return Finished(entry, COMPLETED, results=results, status=status)
         if self.wall_clock() - entry.submitted_at > self.settings.job_timeout_seconds:
             return Finished(entry, TIMED_OUT, status=status, error="job did not finish in time")
-        return None
+        return status
 
     def is_due(self, entry: Entry) -> bool:
         """False while a job is resting after answers the contract does not know."""
@@ -445,3 +468,127 @@ class JobScheduler:
         while not self.finished.empty():
             ready.append(self.finished.get_nowait())
         return ready
+
+
+def _unix(moment: datetime) -> float:
+    """Unix seconds of an API timestamp (one without a zone is UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+@dataclass
+class _Pacer:
+    """When to look at one job next: from its estimate, its progress and its age.
+
+    All times are the scheduler's ``clock``. The first look comes halfway through the
+    submit answer's estimate (at once for a carried-over job, which has none). A job
+    reporting progress (``processed_records`` while ``processing``) is looked at next when
+    that progress, extrapolated linearly from ``started_at``, says it ends, a little
+    after. Without progress, the next look is at the estimate's end if still ahead, else
+    after half the job's age (never more than ``poll_max_seconds``). No two looks are
+    closer than ``poll_min_seconds`` or 5% of the job's age, so a job whose progress
+    stalls (or that stays ``processing`` at ``total_records``) costs few calls.
+
+    Attributes:
+        settings: The run's settings.
+        rng: Randomness of the jitter.
+        born: When the job was created, as best known.
+        estimate: Seconds from ``born`` to its end per the submit answer, or None.
+        timeout_at: When the job times out: it is looked at then, whatever the prediction.
+    """
+
+    settings: SchedulerSettings
+    rng: random.Random
+    born: float
+    estimate: float | None
+    timeout_at: float
+    _first_progress: tuple[float, int] | None = None
+    _retries: int = 0
+
+    def first_wait(self, now: float) -> float:
+        """How long to wait before the first look.
+
+        An estimate of 0 (an instant job) means looking at once: one call. A job that
+        times out sooner is looked at when it does.
+        """
+        if self.estimate is None:
+            return 0.0
+        first = min(self.born + _FIRST_LOOK_SHARE * self.estimate, self.timeout_at)
+        return max(0.0, first - now)
+
+    def retry_wait(self) -> float:
+        """How long to wait after a look that told nothing (404, no answer, no results yet).
+
+        Doubles from ``poll_min_seconds`` per such look in a row, up to ``poll_max_seconds``.
+        """
+        self._retries += 1
+        base = self.settings.poll_min_seconds * 2.0**self._retries
+        return self._jitter(min(self.settings.poll_max_seconds, base))
+
+    def next_wait(self, job: Job, seen_at: float, now: float, wall_offset: float) -> float:
+        """How long to wait after seeing ``job`` unfinished.
+
+        Args:
+            job: The status seen (``completed`` when its results were not served yet).
+            seen_at: When the server answered (between asking and the answer).
+            now: The clock now.
+            wall_offset: ``wall_clock() - clock()``: maps the clock to unix seconds.
+
+        Returns:
+            Seconds to wait.
+        """
+        if job.status is JobStatus.COMPLETED:
+            return self.retry_wait()
+        self._retries = 0
+        settings = self.settings
+        age = max(0.0, now - self.born)
+        left = self._time_left(job, seen_at, wall_offset)
+        if left is not None:
+            # A prediction is trusted up to twice the job's age at a time: a rate
+            # measured early may be off, the next look measures it again.
+            wait = left * (1.0 + _LATE_SHARE) - (now - seen_at)
+            wait = min(wait, 2.0 * age)
+        elif self.estimate is not None and now < self.born + self.estimate:
+            wait = self.born + self.estimate - now
+        else:
+            wait = min(settings.poll_max_seconds, _AGE_SHARE * age)
+        wait = max(wait, settings.poll_min_seconds, _MIN_AGE_SHARE * age)
+        # Never look later than when the job times out (plus a hair: then it has).
+        wait = min(wait, max(0.0, self.timeout_at - now) + settings.poll_min_seconds)
+        return self._jitter(wait)
+
+    def _time_left(self, job: Job, seen_at: float, wall_offset: float) -> float | None:
+        """Seconds from ``seen_at`` to the job's end, extrapolating its progress; or None.
+
+        ``processed_records`` is taken as a whole count rounded down, so the rate
+        ``processed / elapsed`` is the slowest one consistent with it and the predicted end
+        the latest one: a look then sees the job done (when its progress is linear).
+        """
+        total, done = job.total_records, job.processed_records
+        if job.status is not JobStatus.PROCESSING or done is None or not 0 < done <= total:
+            return None
+        if self._first_progress is None:
+            self._first_progress = (seen_at, done)
+        started = self._started(job, wall_offset)
+        if started is not None and seen_at > started:
+            return (seen_at - started) * (total - done) / done
+        # No start time: the rate between the first look that saw progress and this one.
+        first_at, first_done = self._first_progress
+        if done > first_done and seen_at > first_at:
+            return (seen_at - first_at) * (total - done) / (done - first_done)
+        return None
+
+    def _started(self, job: Job, wall_offset: float) -> float | None:
+        """When processing started, on the clock."""
+        if job.started_at is None:
+            return None
+        started = _unix(job.started_at)
+        if job.created_at is not None:
+            # Two server times against each other, the job's birth on our clock: this
+            # holds whatever the skew between the server's clock and ours.
+            return self.born + (started - _unix(job.created_at))
+        return started - wall_offset
+
+    def _jitter(self, wait: float) -> float:
+        return wait * self.rng.uniform(1.0, 1.0 + _JITTER)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -20,8 +23,16 @@ from apione_source.errors import (
     WaitForCapacityError,
 )
 from apione_source.journal import IN_FLIGHT, LOST, SENDING, TO_SEND, BatchItem, Journal, MemoryStore
-from apione_source.models import Job, JobResults, SubmitResponse
-from apione_source.scheduler import COMPLETED, VANISHED, JobScheduler, SchedulerSettings
+from apione_source.models import Job, JobResults, JobStatus, SubmitResponse, parse_model
+from apione_source.sandbox import Sandbox
+from apione_source.sandbox.engine import Engine
+from apione_source.scheduler import (
+    COMPLETED,
+    TIMED_OUT,
+    VANISHED,
+    JobScheduler,
+    SchedulerSettings,
+)
 
 
 class ScriptedClient:
@@ -288,3 +299,299 @@ def test_given_an_unreachable_host_when_submitting_then_the_run_stops_within_the
     assert "apione.test" in message and "ConnectError" in message and "base_url" in message
     # within the bound (plus one wait), not the whole wait budget
     assert 60.0 <= t.now <= 60.0 + sched.settings.poll_max_seconds / 4
+
+
+# --- pacing: how often a job is looked at, and how late its end is seen -------------------
+
+T0 = 1_700_000_000.0
+KEY = "sk_test_pacing"
+
+
+class EngineClient:
+    """The sandbox's engine as the scheduler's client, in-process: no HTTP, no sleeping.
+
+    Counts status calls per job, and notes for each job how long after its end (its
+    ``completed_at``, by the server's clock) the first status answer saying so came.
+    """
+
+    host = "sandbox.test"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: dict[str, int] = {}
+        self.overshoot: dict[str, float] = {}  # seconds
+        self.duration: dict[str, float] = {}  # completed_at - created_at
+
+    async def submit_job(self, type_: str, records: list[dict[str, Any]], webhook: Any) -> Any:
+        reply = self.engine.submit(KEY, json.dumps({"type": type_, "records": records}).encode())
+        assert reply.status == 200, reply.body
+        return parse_model(SubmitResponse, reply.body)
+
+    async def get_job(self, job_id: str) -> Job:
+        self.calls[job_id] = self.calls.get(job_id, 0) + 1
+        reply = self.engine.status(KEY, job_id)
+        if reply.status == 404:
+            raise JobNotFoundError("job_not_found")
+        job = parse_model(Job, reply.body, job_id)
+        if job.status is JobStatus.COMPLETED and job_id not in self.overshoot:
+            assert job.completed_at is not None and job.created_at is not None
+            end = job.completed_at.timestamp()
+            self.overshoot[job_id] = self.engine.now() - end
+            self.duration[job_id] = end - job.created_at.timestamp()
+        return job
+
+    async def get_results(self, job_id: str) -> JobResults:
+        return parse_model(JobResults, self.engine.results(KEY, job_id).body, job_id)
+
+    def calls_per_job(self) -> float:
+        return sum(self.calls.values()) / len(self.calls)
+
+    def worst_overshoot(self) -> float:
+        """The largest overshoot as a share of its job's duration."""
+        return max(self.overshoot[j] / max(self.duration[j], 1e-9) for j in self.overshoot)
+
+
+def _engine(t: FakeTime, skew: float = 0.0, **knobs: Any) -> Engine:
+    t.now = T0
+    return Sandbox("scale", KEY, clock=lambda: t.now + skew, **knobs).engine
+
+
+def _one_by_one(client: EngineClient, t: FakeTime, sizes: list[int], **settings: Any) -> list[Any]:
+    """Submit a job of each size and poll it to its end, one at a time; the Finished."""
+
+    async def go() -> list[Any]:
+        out = []
+        for i, n in enumerate(sizes):
+            sched = _scheduler(
+                client,  # type: ignore[arg-type]
+                t,
+                **{"records_per_job": 1000, "wait_budget_seconds": 3600.0, **settings},
+            )
+            sched.rng = random.Random(i)
+            assert await sched.submit(sched.journal.new_entry(), _items(n)) == "sent"
+            out.append(await sched.next_finished())
+            await sched.close()
+        return out
+
+    return list(_run(go()))
+
+
+SIZES = [20, 50, 100, 200, 350, 500, 700, 850, 1000]  # 3 s to 52 s of work
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"queue_seconds": 8.0},  # the estimate counts the queue, progress does not
+        {"skew": 3600.0},  # the server's clock an hour off ours
+        {"job_seconds_base": 0.5, "job_seconds_per_record": 0.005},  # short: 0.6-5.5 s
+    ],
+    ids=["plain", "queued", "skewed", "short"],
+)
+def test_given_honest_estimates_when_polling_then_about_two_looks_and_the_end_seen_soon(
+    knobs: dict[str, Any],
+) -> None:
+    t = FakeTime()
+    settings = {"job_seconds_base": 2.0, "job_seconds_per_record": 0.05, **knobs}
+    client = EngineClient(_engine(t, **settings))
+
+    finished = _one_by_one(client, t, SIZES)
+
+    assert [f.kind for f in finished] == [COMPLETED] * len(SIZES)
+    assert client.calls_per_job() <= 2.2, client.calls
+    assert client.worst_overshoot() <= 0.10, client.overshoot
+
+
+@pytest.mark.parametrize("queue_seconds", [0.0, 8.0])
+def test_given_estimates_3x_too_low_when_polling_then_at_most_4_looks_a_job(
+    queue_seconds: float,
+) -> None:
+    t = FakeTime()
+    engine = _engine(
+        t,
+        job_seconds_base=2.0,
+        job_seconds_per_record=0.05,
+        queue_seconds=queue_seconds,
+        estimate_factor=1 / 3,
+    )
+    client = EngineClient(engine)
+
+    finished = _one_by_one(client, t, SIZES)
+
+    assert [f.kind for f in finished] == [COMPLETED] * len(SIZES)
+    assert client.calls_per_job() <= 4, client.calls
+    if not queue_seconds:  # (queued past the estimate, a job tells nothing for a while)
+        assert max(client.calls.values()) <= 4, client.calls
+    assert client.worst_overshoot() <= 0.10, client.overshoot
+
+
+def test_given_sub_second_jobs_when_polling_then_their_end_is_seen_within_half_a_second() -> None:
+    # an estimate of 1 s (whole seconds, rounded up) tells nothing below a second
+    t = FakeTime()
+    client = EngineClient(_engine(t, job_seconds_base=0.2, job_seconds_per_record=0.0005))
+
+    _one_by_one(client, t, SIZES)
+
+    assert client.calls_per_job() <= 2.2, client.calls
+    assert max(client.overshoot.values()) <= 0.5, client.overshoot
+
+
+def test_given_estimates_3x_too_high_when_polling_then_the_end_is_seen_in_two_looks() -> None:
+    t = FakeTime()
+    engine = _engine(t, job_seconds_base=2.0, job_seconds_per_record=0.05, estimate_factor=3.0)
+    client = EngineClient(engine)
+
+    _one_by_one(client, t, SIZES)
+
+    # the first look (halfway through the estimate) is past the end: seen late, but once
+    assert client.calls_per_job() <= 2.0
+    assert max(client.overshoot.values()) <= 52 * 0.6  # half the estimate past the end
+
+
+def test_given_instant_jobs_when_polling_then_one_look_each() -> None:
+    t = FakeTime()
+    client = EngineClient(_engine(t))  # no work: estimate 0, completed when created
+
+    finished = _one_by_one(client, t, [1, 10, 1000])
+
+    assert [f.kind for f in finished] == [COMPLETED] * 3
+    assert list(client.calls.values()) == [1, 1, 1]
+    assert t.now == T0  # not a moment waited
+
+
+def test_given_a_first_look_404_when_polling_then_one_more_look_soon() -> None:
+    t = FakeTime()
+    client = EngineClient(_engine(t, status_404_first_rate=1.0))
+
+    finished = _one_by_one(client, t, [10])
+
+    assert finished[0].kind == COMPLETED
+    assert list(client.calls.values()) == [2]
+    assert t.now - T0 <= 4 * _scheduler(client, t).settings.poll_min_seconds  # type: ignore[arg-type]
+
+
+def _carried(client: EngineClient, t: FakeTime, records: int, age: float) -> tuple[Any, Any]:
+    """A job a previous run submitted ``age`` seconds ago; (its Finished, scheduler)."""
+    previous = _scheduler(client, t)  # type: ignore[arg-type]
+    entry = previous.journal.new_entry()
+    previous.journal.send(entry, _items(records))
+    answer = _run(client.submit_job("company", [i.record for i in _items(records)], None))
+    previous.journal.job_created(entry, answer.job_id)
+    t.now += age  # the previous run ended here; this one picks the job up
+    sched = _scheduler(client, t)  # type: ignore[arg-type]
+    sched.journal = previous.journal
+
+    async def go() -> Any:
+        await sched.track([entry])
+        fin = await sched.next_finished()
+        await sched.close()
+        return fin
+
+    return _run(go()), sched
+
+
+def test_given_a_carried_over_job_when_polling_then_its_progress_paces_the_looks() -> None:
+    t = FakeTime()
+    client = EngineClient(_engine(t, job_seconds_per_record=0.04))  # 1,000 records: 40 s
+
+    fin, sched = _carried(client, t, 1000, age=10.0)
+
+    assert fin is not None and fin.kind == COMPLETED
+    # at once (a quarter done), then twice its age at most, then the predicted end
+    assert sum(client.calls.values()) <= 3, client.calls
+    assert client.worst_overshoot() <= 0.10, client.overshoot
+    assert sched._active == 0
+
+
+def test_given_a_carried_over_job_already_done_when_polling_then_one_look() -> None:
+    t = FakeTime()
+    client = EngineClient(_engine(t, job_seconds_per_record=0.04))
+
+    fin, _ = _carried(client, t, 100, age=3600.0)
+
+    assert fin is not None and fin.kind == COMPLETED
+    assert list(client.calls.values()) == [1]
+
+
+class Looks(ScriptedClient):
+    """Answers status from a function of the time; notes when each look came."""
+
+    def __init__(self, t: FakeTime, answer: Any) -> None:
+        super().__init__([])
+        self.t, self.answer, self.looks = t, answer, []
+
+    async def get_job(self, job_id: str) -> Job:
+        self.looks.append(self.t.now)
+        return Job(job_id=job_id, type="company", **self.answer(self.t.now))
+
+
+def _looks(client: Looks, t: FakeTime, estimate: int, **settings: Any) -> Any:
+    sched = _scheduler(client, t, **settings)
+    client.estimate = estimate
+    entry = sched.journal.new_entry()
+
+    async def go() -> Any:
+        assert await sched.submit(entry, _items(3)) == "sent"
+        fin = await sched.next_finished()
+        await sched.close()
+        return fin
+
+    return _run(go())
+
+
+def test_given_no_progress_reported_when_polling_then_looks_spread_with_the_jobs_age() -> None:
+    # processed_records is not in the documented page: a job may report none at all
+    t = FakeTime()
+    client = Looks(
+        t,
+        lambda now: {
+            "status": "completed" if now >= 1000 else "processing",
+            "total_records": 3,
+        },
+    )
+
+    fin = _looks(client, t, estimate=10, wait_budget_seconds=2000.0)
+
+    assert fin is not None and fin.kind == COMPLETED
+    gaps = [b - a for a, b in zip(client.looks, client.looks[1:], strict=False)]
+    # halfway through the estimate, then its end (jitter: waits up to 2% longer)
+    assert client.looks[0] == pytest.approx(5.0, rel=0.02)
+    assert client.looks[1] == pytest.approx(10.0, rel=0.02)
+    assert all(0.05 <= g <= 60 * 1.02 for g in gaps), gaps  # poll_min .. poll_max
+    assert gaps[1:5] == sorted(gaps[1:5])  # growing with the job's age
+    assert len(client.looks) <= 25  # (the old backoff: ~30)
+    assert client.looks[-1] - 1000 <= 60 * 1.02
+
+
+def test_given_a_job_stuck_at_all_records_processed_when_polling_then_no_spinning() -> None:
+    # every record processed, still "processing" (results being written) for 20 s
+    t = FakeTime()
+    client = Looks(
+        t,
+        lambda now: {
+            "status": "completed" if now >= 30 else "processing",
+            "total_records": 100,
+            "processed_records": 100 if now >= 10 else int(10 * now),
+            "created_at": datetime.fromtimestamp(0, timezone.utc),
+            "started_at": datetime.fromtimestamp(0, timezone.utc),
+        },
+    )
+
+    fin = _looks(client, t, estimate=10)
+
+    assert fin is not None and fin.kind == COMPLETED
+    # 5 s, 10 s, then at least 5% of the job's age apart
+    assert len(client.looks) <= 25, client.looks
+    assert client.looks[-1] - 30 <= 0.06 * 30
+
+
+def test_given_a_job_predicted_past_its_timeout_when_polling_then_it_times_out_on_time() -> None:
+    t = FakeTime()
+    client = EngineClient(_engine(t, job_seconds_per_record=1.0))  # 1,000 s
+
+    finished = _one_by_one(client, t, [1000], job_timeout_seconds=100.0)
+
+    assert finished[0].kind == TIMED_OUT
+    assert 100.0 < t.now - T0 <= 100.0 + 0.2
+    assert client.calls_per_job() <= 4
