@@ -449,6 +449,18 @@ def test_given_estimates_3x_too_high_when_polling_then_the_end_is_seen_in_two_lo
     assert max(client.overshoot.values()) <= 52 * 0.6  # half the estimate past the end
 
 
+def test_given_a_first_look_just_after_the_job_started_when_polling_then_not_seen_late() -> None:
+    # queued 4.95 s, then 190 records in 5 s; the first look (5 s) reads 1 record done of
+    # what may be 1.99: the latest end consistent with it is 9.5 s off, the true one 5
+    t = FakeTime()
+    client = EngineClient(_engine(t, queue_seconds=4.95, job_seconds_per_record=5 / 190))
+
+    _one_by_one(client, t, [190])
+
+    assert list(client.calls.values()) == [2]
+    assert client.worst_overshoot() <= 0.10, client.overshoot
+
+
 def test_given_instant_jobs_when_polling_then_one_look_each() -> None:
     t = FakeTime()
     client = EngineClient(_engine(t))  # no work: estimate 0, completed when created
