@@ -255,8 +255,9 @@ def test_given_many_spellings_of_one_domain_when_run_then_it_is_billed_once(
 
 
 # Jobs take 10 s of sandbox time and the wait budget is 3 s: the first look at a job
-# (at the server's 10 s estimate) falls after the budget, so a run carries its jobs over
-# at once without waiting, and the test moves the sandbox clock instead of sleeping.
+# (halfway through the server's 10 s estimate) falls after the budget, so a run carries
+# its jobs over at once without waiting, and the test moves the sandbox clock instead of
+# sleeping.
 SLOW_JOB_SECONDS = 10.0
 SHORT_BUDGET = 3.0
 
