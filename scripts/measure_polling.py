@@ -44,6 +44,7 @@ class Scenario:
     max_seconds: float = 120.0
     records: int = 1000
     chunk: int = 1  # processed_records moves in steps of this many records
+    curve: float = 0.0  # progress share = time share ** g, g drawn in 1 +- curve per job
     latency: float = 0.0  # seconds each call takes, answered halfway
 
 
@@ -55,6 +56,7 @@ class FakeJob:
     started: float
     finished: float
     total: int
+    power: float = 1.0  # progress share = time share ** power
     seen_done_at: float | None = None
     status_calls: int = 0
 
@@ -86,7 +88,8 @@ class FakeApi:
         true = nominal * self.rng.uniform(1 - sc.noise, 1 + sc.noise)
         job_id = f"job_{len(self.jobs) + 1}"
         started = self.now + sc.queue_share * true
-        self.jobs[job_id] = FakeJob(self.now, started, self.now + true, sc.records)
+        power = self.rng.uniform(1 - sc.curve, 1 + sc.curve)
+        self.jobs[job_id] = FakeJob(self.now, started, self.now + true, sc.records, power)
         estimate = math.ceil(round(nominal * sc.factor, 9))
         await self.sleep(sc.latency / 2)
         return SubmitResponse(
@@ -105,7 +108,7 @@ class FakeApi:
                 job.seen_done_at = now
         elif now >= job.started:
             status = JobStatus.PROCESSING
-            share = (now - job.started) / (job.finished - job.started)
+            share = ((now - job.started) / (job.finished - job.started)) ** job.power
             done = min(job.total - 1, int(job.total * share))
             done -= done % self.scenario.chunk
         else:
@@ -194,6 +197,8 @@ SCENARIOS = [
     Scenario("honest, progress in 100s", chunk=100),
     Scenario("3x low, progress in 100s", factor=1 / 3, chunk=100),
     Scenario("3x low, 0.2 s per call", factor=1 / 3, latency=0.2),
+    Scenario("honest, progress not linear", curve=0.15),
+    Scenario("3x low, progress not linear", factor=1 / 3, curve=0.15),
     Scenario("honest, long jobs (5-30 min)", min_seconds=300, max_seconds=1800),
     Scenario("3x low, long jobs (5-30 min)", factor=1 / 3, min_seconds=300, max_seconds=1800),
 ]
