@@ -1,483 +1,208 @@
-"""End-to-end throughput benchmark of the ``apione`` source against the local sandbox.
+"""Benchmark of issue 10: the connector end to end against the ApiOne sandbox.
 
-For ``N`` unique company domains it measures, in one process:
+Every figure is measured on separate processes: the sandbox (``python -m
+apione_source.sandbox``, as ApiOne would be), the production script
+``pipelines/enrich.py`` (configured through ``SOURCES__APIONE__*`` env vars, reading a
+DuckDB input file the harness creates), and, in the same invocation, its baselines:
 
-* **connector**: ``run_enrichment`` of the real ``apione`` source reading a DuckDB input
-  table, submitting to an in-process sandbox (plan ``scale``: 1,000 records per job,
-  50 concurrent jobs, instant jobs) and loading into a fresh DuckDB file;
-* **baseline**: plain dlt loading the same result rows (built beforehand from the
-  sandbox's own synthetic data generator, outside the timed section) into a fresh DuckDB
-  file, with the same table names, write dispositions, primary keys and column hints.
+* dlt's fastest load of the same information (arrow tables, parquet, append) into the
+  same destination, read back from what the connector loaded;
+* the "API limit": a minimal concurrent httpx client pushing the same N records through
+  the same sandbox, no dlt.
 
-The ratio connector/baseline shows what the API round trips, journal and bookkeeping
-cost on top of dlt itself. The sandbox's usage counters prove every record was billed
-exactly once; the script exits 1 if ``records_billed != N`` (or rows are missing).
+Scenarios: ``throughput``, ``nothing_to_send``, ``wall_time``, ``polling``
+(docs/BENCHMARKS.md explains each). The exit status is non-zero only when a correctness
+check fails (billing: every record billed exactly once; one outcome row per input row;
+nothing billed by a run with nothing to send); a figure missing its target prints MISS
+but does not fail the run, unless ``--strict``.
 
 Usage::
 
-    uv run python benchmarks/bench_enrich.py --records 10000
-    uv run python benchmarks/bench_enrich.py --records 100000 --repeat 3 --json
+    uv run python benchmarks/bench_enrich.py --quick          # CI: small sizes, < 90 s
+    uv run python benchmarks/bench_enrich.py                  # the issue's sizes
+    uv run python benchmarks/bench_enrich.py --scenario throughput --sizes 100000 --json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
 
-# Keep benchmark runs off the network (dlt telemetry) before dlt is imported.
-os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+from benchkit.procs import REPO, ForeignCpu
+from benchkit.report import Report
+from benchkit.runs import HarnessError
+from benchkit.scenarios import (
+    Bench,
+    WallCase,
+    nothing_to_send,
+    polling,
+    throughput,
+    wall_time,
+)
 
-import dlt
-import duckdb
+from apione_source.settings import PLANS
 
-from apione_source.models import EnrichmentType, RecordResult, RecordStatus
-from apione_source.normalize import Normalized, normalize_record
-from apione_source.sandbox import Sandbox
-from apione_source.sandbox import data as sandbox_data
-from apione_source.source import apione, run_enrichment
-from apione_source.tables import TableNames, apply_table_hints, enrichment_row, outcome_id
-
-API_KEY = "sk_test_bench"
-PLAN = "scale"
-RECORDS_PER_JOB = 1000
-CONCURRENT_JOBS = 50
-TABLE_PREFIX = "apione_"
-INPUT_DATASET = "crm"
-INPUT_TABLE = "companies"
-OUTPUT_DATASET = "apione"
-ETYPE = EnrichmentType.COMPANY
-NAMES = TableNames(TABLE_PREFIX, ETYPE)
-
-
-# --- results -----------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """One timed run (connector or baseline)."""
-
-    seconds: float
-    phases: dict[str, float]
-    rows_loaded: dict[str, int]
-
-
-@dataclass
-class ConnectorRun(RunResult):
-    """A connector run plus the sandbox's usage counters for it."""
-
-    jobs_created: int = 0
-    records_billed: int = 0
-    max_billed_per_key: int = 0
-    max_active_jobs_seen: int = 0
-    status_calls: int = 0
-    results_calls: int = 0
-
-
-@dataclass
-class Report:
-    """What the script prints (as a table or as JSON)."""
-
-    records: int
-    repeat: int
-    connector_seconds: float
-    baseline_seconds: float
-    connector_records_per_s: float
-    baseline_records_per_s: float
-    ratio: float
-    connector_phases: dict[str, float]
-    baseline_phases: dict[str, float]
-    jobs_created: int
-    records_billed: int
-    billed_exactly_once: bool
-    rows_match: bool
-    connector_rows: dict[str, int]
-    baseline_rows: dict[str, int]
-    connector_runs_s: list[float] = field(default_factory=list)
-    baseline_runs_s: list[float] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-# --- input ------------------------------------------------------------------------------
-
-
-def domain_of(i: int) -> str:
-    """The ``i``-th unique benchmark domain (already in normalized form)."""
-    return f"company-{i:07d}.example.com"
-
-
-def make_input(path: Path, n: int) -> None:
-    """Create the DuckDB input file with table ``crm.companies(id, domain)`` of ``n`` rows."""
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(f"CREATE SCHEMA {INPUT_DATASET}")
-        con.execute(
-            f"CREATE TABLE {INPUT_DATASET}.{INPUT_TABLE} AS "
-            "SELECT i AS id, 'company-' || lpad(CAST(i AS VARCHAR), 7, '0') || '.example.com' "
-            "AS domain FROM range(1, ?) t(i)",
-            [n + 1],
-        )
-    finally:
-        con.close()
-
-
-# --- helpers ----------------------------------------------------------------------------
-
-
-def _phases(pipeline: dlt.Pipeline) -> dict[str, float]:
-    """Seconds per step (extract, normalize, load) of the pipeline's last trace."""
-    trace = pipeline.last_trace
-    out: dict[str, float] = {}
-    if trace is None:
-        return out
-    for step in trace.steps:
-        if step.started_at is not None and step.finished_at is not None:
-            secs = (step.finished_at - step.started_at).total_seconds()
-            out[step.step] = out.get(step.step, 0.0) + secs
-    return out
-
-
-def _row_counts(db_path: Path, dataset: str) -> dict[str, int]:
-    """Row count of every non-dlt table in ``dataset`` of a DuckDB file."""
-    con = duckdb.connect(str(db_path), read_only=True)
-    try:
-        tables = [
-            r[0]
-            for r in con.execute(
-                "SELECT table_name FROM information_schema.tables "
-                "WHERE table_schema = ? AND table_name NOT LIKE '\\_dlt\\_%' ESCAPE '\\' "
-                "ORDER BY table_name",
-                [dataset],
-            ).fetchall()
-        ]
-        counts: dict[str, int] = {}
-        for t in tables:
-            row = con.execute(f'SELECT count(*) FROM "{dataset}"."{t}"').fetchone()
-            counts[t] = int(row[0]) if row else 0
-        return counts
-    finally:
-        con.close()
-
-
-def _pipeline(name: str, workdir: Path, db_path: Path) -> dlt.Pipeline:
-    return dlt.pipeline(
-        pipeline_name=name,
-        pipelines_dir=str(workdir / "pipelines"),
-        destination=dlt.destinations.duckdb(str(db_path)),
-        dataset_name=OUTPUT_DATASET,
-    )
-
-
-# --- connector --------------------------------------------------------------------------
-
-
-def run_connector(workdir: Path, input_db: Path, n: int) -> ConnectorRun:
-    """Run the real source end to end against a fresh sandbox and output file.
-
-    The timed section is ``run_enrichment`` (extract + normalize + load); building the
-    source (config checks, one query on the input table) is excluded.
-    """
-    out_db = workdir / "connector.duckdb"
-    with Sandbox(plan=PLAN, api_key=API_KEY) as sandbox:
-        pipeline = _pipeline("bench_connector", workdir, out_db)
-        # Every setting that shapes the run is explicit, so the project's
-        # .dlt/config.toml (e.g. input_columns, plan) cannot change what is measured.
-        source = apione(
-            api_key=API_KEY,
-            enrichment_type=ETYPE.value,
-            input_table=INPUT_TABLE,
-            primary_key="id",
-            input_columns={"domain": "domain"},
-            input_dataset=INPUT_DATASET,
-            input_destination=dlt.destinations.duckdb(str(input_db)),
-            base_url=sandbox.base_url,
-            plan=PLAN,
-            records_per_job=RECORDS_PER_JOB,
-            concurrent_jobs=CONCURRENT_JOBS,
-            wait_budget_seconds=3600.0,
-            max_attempts=3,
-            max_records_per_run=None,
-            cursor_column=None,
-            webhook_url=None,
-            chunk_size=10_000,
-            table_prefix=TABLE_PREFIX,
-            scd2=False,
-        )
-        t0 = time.perf_counter()
-        run_enrichment(pipeline, source)
-        seconds = time.perf_counter() - t0
-        usage = sandbox.usage()
-    billed: dict[str, int] = usage.get("billed_per_key", {})
-    return ConnectorRun(
-        seconds=seconds,
-        phases=_phases(pipeline),
-        rows_loaded=_row_counts(out_db, OUTPUT_DATASET),
-        jobs_created=int(usage["jobs_created"]),
-        records_billed=int(usage["records_billed"]),
-        max_billed_per_key=max(billed.values(), default=0),
-        max_active_jobs_seen=int(usage.get("max_active_jobs_seen", 0)),
-        status_calls=int(usage.get("status_calls", 0)),
-        results_calls=int(usage.get("results_calls", 0)),
-    )
-
-
-# --- baseline ---------------------------------------------------------------------------
+#: Share of the machine's CPU used by other processes above which the report warns.
+FOREIGN_CPU_WARN = 0.05
+SCENARIOS = ("throughput", "nothing_to_send", "wall_time", "polling")
 
 
 @dataclass(frozen=True)
-class _Record:
-    """One input row as the connector sees it, and the sandbox's answer for it."""
+class Sizes:
+    """The sizes of one mode."""
 
-    pk: str
-    key: str
-    result: RecordResult
-
-
-def build_results(n: int) -> list[_Record]:
-    """Compute what the sandbox answers for the ``n`` input rows, without HTTP.
-
-    Mirrors ``Engine._build_results``: same submitted record (the normalized one), same
-    not-found draw on its canonical JSON, same payload builder.
-    """
-    out: list[_Record] = []
-    for i in range(1, n + 1):
-        norm = normalize_record(ETYPE, {"domain": domain_of(i)})
-        assert isinstance(norm, Normalized)
-        record = dict(norm.record)
-        index = (i - 1) % RECORDS_PER_JOB
-        if sandbox_data.invalid_reason(ETYPE.value, record) is not None:
-            raise RuntimeError(f"benchmark domain {record} is invalid for the sandbox")
-        if sandbox_data.is_not_found(sandbox_data.canonical_json(record)):
-            result = RecordResult(index=index, input=record, status=RecordStatus.NOT_FOUND)
-        else:
-            result = RecordResult(
-                index=index,
-                input=record,
-                status=RecordStatus.MATCHED,
-                data=sandbox_data.company(record),
-            )
-        out.append(_Record(str(i), norm.key, result))
-    return out
+    throughput: tuple[int, ...]
+    nothing_to_send: int
+    wall: tuple[WallCase, ...]
+    polling_n: int
+    polling_job_s: float
+    repeat: int
 
 
-def build_batches(records: list[_Record]) -> list[list[tuple[str, list[dict[str, Any]]]]]:
-    """Group the rows per job exactly as the connector yields them for a finished job.
-
-    Returns:
-        Per job: (table, rows) pairs in yield order: enrichment rows (matched only),
-        outcome rows, then the job's ledger row.
-    """
-    now = datetime.now(timezone.utc)
-    load_id = f"{time.time():.6f}"
-    batches: list[list[tuple[str, list[dict[str, Any]]]]] = []
-    for start in range(0, len(records), RECORDS_PER_JOB):
-        chunk = records[start : start + RECORDS_PER_JOB]
-        job_id = f"job_bench{start // RECORDS_PER_JOB:06d}"
-        counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
-        enriched: list[dict[str, Any]] = []
-        outcomes: list[dict[str, Any]] = []
-        for rec in chunk:
-            status = rec.result.status.value
-            counts[status] += 1
-            outcomes.append(
-                {
-                    "outcome_id": outcome_id(job_id, rec.pk, rec.key),
-                    "input_pk": rec.pk,
-                    "key": rec.key,
-                    "job_id": job_id,
-                    "attempt": 1,
-                    "status": status,
-                    "error": None,
-                    "input": rec.result.input,
-                    "finished_at": now,
-                    "load_id": load_id,
-                }
-            )
-            if status == "matched":
-                enriched.append(
-                    enrichment_row(rec.key, job_id, now, rec.result, version_hash=False)
-                )
-        job_row = {
-            "job_id": job_id,
-            "type": ETYPE.value,
-            "status": "completed",
-            "record_count": len(chunk),
-            "attempt": 1,
-            "submitted_at": now - timedelta(seconds=1),
-            "completed_at": now,
-            "expires_at": now + timedelta(days=90),
-            "error": None,
-            "submitted_in_load": load_id,
-            "updated_in_load": load_id,
-            "matched": counts["matched"],
-            "not_found": counts["not_found"],
-            "invalid": counts["invalid"],
-            "errors": counts["error"],
-        }
-        batch: list[tuple[str, list[dict[str, Any]]]] = []
-        if enriched:
-            batch.append((NAMES.enrichment, enriched))
-        batch.append((NAMES.outcomes, outcomes))
-        batch.append((NAMES.jobs, [job_row]))
-        batches.append(batch)
-    return batches
-
-
-@dlt.source(name="apione", max_table_nesting=2)
-def baseline_source(batches: list[list[tuple[str, list[dict[str, Any]]]]]) -> Any:
-    """The connector's tables and hints, fed from prebuilt rows instead of the API."""
-
-    def enrichment() -> Iterator[Any]:
-        for batch in batches:
-            for table, rows in batch:
-                yield dlt.mark.with_table_name(rows, table)
-
-    resource = dlt.resource(enrichment, name="company_enrichment", write_disposition="append")
-    apply_table_hints(resource, NAMES, ETYPE, scd2=False)
-    return resource
-
-
-def run_baseline(workdir: Path, records: list[_Record]) -> RunResult:
-    """Time ``pipeline.run`` of the prebuilt rows into a fresh DuckDB file."""
-    out_db = workdir / "baseline.duckdb"
-    batches = build_batches(records)  # fresh dicts per run, outside the timed section
-    pipeline = _pipeline("bench_baseline", workdir, out_db)
-    source = baseline_source(batches)
-    t0 = time.perf_counter()
-    pipeline.run(source)
-    seconds = time.perf_counter() - t0
-    return RunResult(seconds, _phases(pipeline), _row_counts(out_db, OUTPUT_DATASET))
-
-
-# --- driver -----------------------------------------------------------------------------
-
-
-def _fresh_dir(root: Path, name: str) -> Path:
-    path = root / name
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def benchmark(n: int, repeat: int, root: Path, log: Any) -> Report:
-    """Run connector and baseline ``repeat`` times each; keep the best of each."""
-    input_db = root / "input.duckdb"
-    t = time.perf_counter()
-    make_input(input_db, n)
-    records = build_results(n)
-    log(f"prepared {n:,} input rows and sandbox answers in {time.perf_counter() - t:.1f}s")
-
-    connector_runs: list[ConnectorRun] = []
-    baseline_runs: list[RunResult] = []
-    problems: list[str] = []
-    for k in range(1, repeat + 1):
-        c = run_connector(_fresh_dir(root, f"connector-{k}"), input_db, n)
-        connector_runs.append(c)
-        log(
-            f"[{k}/{repeat}] connector {c.seconds:.2f}s ({n / c.seconds:,.0f} rec/s), "
-            f"jobs {c.jobs_created}, billed {c.records_billed:,}"
-        )
-        if c.records_billed != n:
-            problems.append(f"run {k}: records_billed {c.records_billed} != {n}")
-        if c.max_billed_per_key > 1:
-            problems.append(f"run {k}: a key was billed {c.max_billed_per_key} times")
-        b = run_baseline(_fresh_dir(root, f"baseline-{k}"), records)
-        baseline_runs.append(b)
-        log(f"[{k}/{repeat}] baseline  {b.seconds:.2f}s ({n / b.seconds:,.0f} rec/s)")
-        if c.rows_loaded != b.rows_loaded:
-            problems.append(f"run {k}: row counts differ: {c.rows_loaded} vs {b.rows_loaded}")
-        if c.rows_loaded.get(NAMES.outcomes) != n:
-            problems.append(f"run {k}: {c.rows_loaded.get(NAMES.outcomes)} outcome rows != {n}")
-
-    best_c = min(connector_runs, key=lambda r: r.seconds)
-    best_b = min(baseline_runs, key=lambda r: r.seconds)
-    return Report(
-        records=n,
-        repeat=repeat,
-        connector_seconds=best_c.seconds,
-        baseline_seconds=best_b.seconds,
-        connector_records_per_s=n / best_c.seconds,
-        baseline_records_per_s=n / best_b.seconds,
-        ratio=best_b.seconds / best_c.seconds,
-        connector_phases=best_c.phases,
-        baseline_phases=best_b.phases,
-        jobs_created=best_c.jobs_created,
-        records_billed=best_c.records_billed,
-        billed_exactly_once=all(
-            r.records_billed == n and r.max_billed_per_key == 1 for r in connector_runs
-        ),
-        rows_match=all(
-            c.rows_loaded == b.rows_loaded
-            for c, b in zip(connector_runs, baseline_runs, strict=True)
-        ),
-        connector_rows=best_c.rows_loaded,
-        baseline_rows=best_b.rows_loaded,
-        connector_runs_s=[r.seconds for r in connector_runs],
-        baseline_runs_s=[r.seconds for r in baseline_runs],
-        problems=problems,
-    )
-
-
-def _fmt_phases(phases: dict[str, float]) -> str:
-    order = ["extract", "normalize", "load"]
-    return "  ".join(f"{p} {phases[p]:.2f}s" for p in order if p in phases)
-
-
-def print_table(r: Report) -> None:
-    """Print the report as a small human-readable table."""
-    header = f"{'N':>9} | {'connector rec/s':>15} | {'baseline rec/s':>14} | {'ratio':>5}"
-    print(header)
-    print("-" * len(header))
-    print(
-        f"{r.records:>9,} | {r.connector_records_per_s:>15,.0f} | "
-        f"{r.baseline_records_per_s:>14,.0f} | {r.ratio:>5.2f}"
-    )
-    print()
-    print(
-        f"best of {r.repeat}: connector {r.connector_seconds:.2f}s, "
-        f"baseline {r.baseline_seconds:.2f}s"
-    )
-    print(f"connector phases: {_fmt_phases(r.connector_phases)}")
-    print(f"baseline  phases: {_fmt_phases(r.baseline_phases)}")
-    print(
-        f"sandbox usage: jobs_created {r.jobs_created:,}, records_billed {r.records_billed:,} "
-        f"({'billed exactly once' if r.billed_exactly_once else 'BILLING MISMATCH'})"
-    )
-    rows = ", ".join(f"{t} {c:,}" for t, c in r.connector_rows.items())
-    print(
-        f"rows loaded: {rows} ({'same as baseline' if r.rows_match else 'DIFFERS from baseline'})"
-    )
-    for p in r.problems:
-        print(f"PROBLEM: {p}")
+QUICK = Sizes(
+    throughput=(10_000,),
+    nothing_to_send=20_000,
+    wall=(WallCase("starter", 10_000, job_seconds=2.0, time_scale=0.5),),
+    polling_n=5_000,
+    polling_job_s=3.0,
+    repeat=1,
+)
+FULL = Sizes(
+    throughput=(100_000, 1_000_000),
+    nothing_to_send=1_000_000,
+    wall=(WallCase("starter", 50_000, job_seconds=2.0), WallCase("growth", 100_000, 5.0)),
+    polling_n=20_000,
+    polling_job_s=6.0,
+    repeat=3,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--records", type=int, default=10_000, help="unique domains N (default 10000)")
-    p.add_argument("--repeat", type=int, default=1, help="runs of each side; best is kept")
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes for CI (< 90 s)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable; default: all)",
+    )
+    p.add_argument("--sizes", type=int, nargs="+", help="throughput N list")
+    p.add_argument("--nothing-keys", type=int, help="known keys of the nothing-to-send run")
+    p.add_argument("--repeat", type=int, help="runs per figure, median kept (1 quick, 3 full)")
+    p.add_argument(
+        "--plan", default="scale", choices=sorted(PLANS), help="plan of the throughput runs"
+    )
+    p.add_argument(
+        "--layout",
+        default="shared",
+        choices=("shared", "separate"),
+        help="input and results in one DuckDB file (shared, default) or in two",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
+    p.add_argument("--strict", action="store_true", help="also exit 1 when a target is missed")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DuckDB files)")
+    p.add_argument("--label", help="what was measured (default: the git commit of the tree)")
+    # The old command line (README): --records N = --scenario throughput --sizes N.
+    p.add_argument("--records", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.records < 1 or args.repeat < 1:
-        p.error("--records and --repeat must be >= 1")
+    if args.records is not None:
+        args.scenario = args.scenario or ["throughput"]
+        args.sizes = [args.records]
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat must be >= 1")
     return args
 
 
+def plan_steps(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Callable[[], None]]]:
+    """The scenario runs this invocation makes, in order."""
+    sizes = QUICK if args.quick else FULL
+    chosen = args.scenario or list(SCENARIOS)
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if "throughput" in chosen:
+        for n in args.sizes or sizes.throughput:
+            steps.append((f"throughput {n}", partial(throughput, bench, n, args.plan)))
+    if "nothing_to_send" in chosen:
+        keys = args.nothing_keys or sizes.nothing_to_send
+        steps.append(("nothing_to_send", partial(nothing_to_send, bench, keys, args.plan)))
+    if "wall_time" in chosen:
+        steps += [(case.name, partial(wall_time, bench, case)) for case in sizes.wall]
+    if "polling" in chosen:
+        steps.append(("polling", partial(polling, bench, sizes.polling_n, sizes.polling_job_s)))
+    return steps
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def git_commit() -> str:
+    """Short commit of the tree, ``-dirty`` when apione_source/ or pipelines/ have changes."""
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--", "apione_source", "pipelines")
+    return f"{commit}{'-dirty' if dirty else ''}"
+
+
+def code_fingerprint() -> str:
+    """Digest of the measured code (HEAD plus uncommitted changes), to notice edits mid-run."""
+    state = _git("rev-parse", "HEAD") + _git("diff", "HEAD", "--", "apione_source", "pipelines")
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def new_report(args: argparse.Namespace) -> Report:
+    """An empty report labelled with mode, commit, date and machine."""
+    return Report(
+        mode=f"{'quick' if args.quick else 'full'}, layout {args.layout}",
+        commit=args.label or git_commit(),
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+    )
+
+
+def note_foreign_cpu(report: Report, step: str, meter: ForeignCpu) -> None:
+    """Record how much CPU other processes took; warn when it can have moved the figures."""
+    share = meter.share()
+    report.details.setdefault("foreign_cpu_share", {})[step] = share
+    if share is not None and share > FOREIGN_CPU_WARN:
+        report.notes.append(
+            f"{step}: other processes used {share:.0%} of the machine's CPU "
+            f"({os.cpu_count()} cores): its timings are slower than on an idle machine"
+        )
+
+
+def run_steps(steps: list[tuple[str, Callable[[], None]]], bench: Bench) -> None:
+    """Run each step; a step that breaks is a failed check, the others still run."""
+    for name, step in steps:
+        meter = ForeignCpu()
+        try:
+            step()
+        except Exception as exc:  # a broken step must not hide the other scenarios
+            known = isinstance(exc, (HarnessError, RuntimeError, OSError))
+            detail = str(exc) if known else traceback.format_exc()
+            bench.report.check(name, "ran to the end", [detail])
+            bench.log(f"{name} FAILED: {detail}")
+        note_foreign_cpu(bench.report, name, meter)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark.
+    """Run the benchmark and print the report.
 
     Returns:
-        0 if every record was billed exactly once and the loaded rows check out, else 1.
+        1 if a correctness check failed (or, with ``--strict``, a target was missed).
     """
     args = parse_args(argv)
 
@@ -485,21 +210,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="apione-bench-"))
+    sizes = QUICK if args.quick else FULL
+    bench = Bench(
+        root=root,
+        repeat=args.repeat or sizes.repeat,
+        report=new_report(args),
+        log=log,
+        shared=args.layout == "shared",
+    )
+    t0 = time.perf_counter()
+    fingerprint = code_fingerprint()
     try:
-        report = benchmark(args.records, args.repeat, root, log)
+        run_steps(plan_steps(args, bench), bench)
     finally:
         if args.keep:
             log(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if code_fingerprint() != fingerprint:
+        bench.report.notes.append(
+            f"apione_source/ or pipelines/ changed during the run (now {git_commit()}): "
+            "the figures mix code versions"
+        )
+    bench.report.details["total_seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"total {time.perf_counter() - t0:.0f}s")
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(bench.report.to_json())
     else:
-        print_table(report)
-    ok = (
-        report.records_billed == args.records and report.billed_exactly_once and not report.problems
-    )
-    return 0 if ok else 1
+        bench.report.print_text(sys.stdout)
+    failed = not bench.report.correct or (args.strict and bool(bench.report.missed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""Child process: run the production script ``pipelines/enrich.py`` and time it.
+
+Usage: ``python run_connector.py TIMING_JSON``. Every setting comes from the environment
+(``SOURCES__APIONE__...``, ``DESTINATION``, ``DATASET``...), exactly as in production.
+The heavy imports happen first so that ``run_s`` (written to ``TIMING_JSON``) is the run
+itself; the parent measures the whole process as well.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import dlt  # noqa: E402, F401
+import duckdb  # noqa: E402, F401
+import pyarrow  # noqa: E402
+import pyarrow.parquet  # noqa: E402, F401
+
+import apione_source  # noqa: E402, F401
+
+ENRICH = Path(__file__).resolve().parents[2] / "pipelines" / "enrich.py"
+
+
+def main() -> None:
+    """Run ``pipelines/enrich.py`` as ``__main__`` and write the timings."""
+    imports_s = time.perf_counter() - T_START
+    t0 = time.perf_counter()
+    runpy.run_path(str(ENRICH), run_name="__main__")
+    run_s = time.perf_counter() - t0
+    timing = {"imports_s": imports_s, "run_s": run_s}
+    Path(sys.argv[1]).write_text(json.dumps(timing))
+
+
+if __name__ == "__main__":
+    main()
