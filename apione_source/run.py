@@ -284,6 +284,8 @@ class EnrichmentRun:
         self.read_cursor: Any = None  # cursor of the last input row read (cursor mode)
         self.collected_in_slice = 0
         self.collected_ids: set[str] = set()  # entries collected this run, in any slice
+        # Keys are looked up in the warehouse as rows come (not all held in memory).
+        self.in_warehouse = False
         self._stack = ExitStack()
         self._body: Generator[Any, None, None] | None = None
         self._closed = False
@@ -427,6 +429,10 @@ class EnrichmentRun:
         )
         self.collected.clear()
         self.joins.clear()
+        if self.in_warehouse:
+            # This package is loaded before the next slice reads on, and keys are looked
+            # up in the warehouse: what this run collected need not stay in memory.
+            self.known.keys.clear()
         if self.read_cursor is not None:
             # never past a row that was read but not sent yet
             unsent = self.pending.min_cursor()
@@ -567,7 +573,7 @@ class EnrichmentRun:
         names = self.s.names
         must_exist = bool(self.state.get("has_history"))
         with pipeline.sql_client() as client:
-            in_warehouse = self.reader.same_warehouse(client)
+            in_warehouse = self.in_warehouse = self.reader.same_warehouse(client)
         if not in_warehouse:
             # Freshness decided here: every key's history in memory.
             collected_now = dict(self.known.keys)
@@ -618,8 +624,13 @@ class EnrichmentRun:
                 self.wrote_outcomes = True
             per_job = self.sched.records_per_job
             while not stopped and len(self.pending.items) >= per_job:
-                stopped = not self._submit_pending(per_job)
-                yield from self._collect_ready()
+                # Free slots first, finished jobs after: a slot left idle while results
+                # are turned into rows is wall time lost (every job of a round ends at once).
+                if self.sched.has_free_slot or not self.sched.has_ready:
+                    stopped = not self._submit_pending(per_job)
+                else:
+                    yield from self._settle(self.sched.take_ready())
+                    self._await(asyncio.sleep(0))  # let pollers hand back their slots
                 yield from self._cut()
             self._progress()
             if stopped or not self.sched.can_submit:

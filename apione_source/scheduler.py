@@ -463,6 +463,20 @@ class JobScheduler:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
+    @property
+    def has_free_slot(self) -> bool:
+        """True when a submit would not wait for a slot."""
+        return self.can_submit and self._active < self.settings.concurrent_jobs
+
+    @property
+    def has_ready(self) -> bool:
+        """True when a finished job waits to be settled."""
+        return not self.finished.empty()
+
+    def take_ready(self) -> Finished:
+        """The next finished job (only when :attr:`has_ready`)."""
+        return self.finished.get_nowait()
+
     def drain_ready(self) -> list[Finished]:
         """Finished jobs already waiting, without blocking."""
         ready = []
