@@ -410,8 +410,19 @@ class EnrichmentRun:
         self.collected_in_slice = 0
 
     def _cut(self) -> Iterator[Any]:
-        """End the slice here if it holds ``records_per_load`` results (slots just filled)."""
-        if self.records_per_load is not None and self.collected_in_slice >= self.records_per_load:
+        """End the slice here if it holds ``records_per_load`` results and nothing is to do.
+
+        Nothing to do: no finished job waiting and no free slot to fill (or nothing to fill
+        it with), so dlt loads the package while the jobs run. A slice twice that size ends
+        anyway, which bounds a package when jobs finish faster than rows are written.
+        """
+        n, limit = self.collected_in_slice, self.records_per_load
+        if limit is None or n < limit:
+            return
+        sched = self.sched
+        to_submit = bool(self.to_send) or len(self.pending.items) >= sched.records_per_job
+        idle = not sched.has_ready and not (sched.has_free_slot and to_submit)
+        if idle or n >= 2 * limit:
             yield _CUT
 
     def _end_slice(self) -> Iterator[Any]:

@@ -168,6 +168,7 @@ class JobScheduler:
         self._active = 0
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed_for: set[str] = set()  # entries whose poller gave its slot back
 
     async def close(self) -> None:
         """Stop polling (jobs still running are carried over by the journal)."""
@@ -348,6 +349,7 @@ class JobScheduler:
         return self.clock() - max(0.0, self.wall_clock() - entry.submitted_at)
 
     def _start_polling(self, entry: Entry, born: float, estimate: float | None) -> None:
+        self._slot_freed_for.discard(entry.entry_id)  # a resent entry holds a new slot
         # The job times out by the journal's time of its answer (see _look).
         timeout_at = self._answered(entry) + self.settings.job_timeout_seconds
         pacer = _Pacer(self.settings, self.rng, born, estimate, timeout_at)
@@ -404,6 +406,12 @@ class JobScheduler:
                 now = self.clock()
                 delay = pacer.next_wait(seen, (asked + now) / 2, now, self.wall_clock() - now)
         finally:
+            await self._free_slot_of(entry)
+
+    async def _free_slot_of(self, entry: Entry) -> None:
+        """Give back the slot of ``entry``'s job, once."""
+        if entry.entry_id not in self._slot_freed_for:
+            self._slot_freed_for.add(entry.entry_id)
             await self._release_slot()
 
     async def _look(self, entry: Entry, not_found: int) -> Finished | Job:
@@ -420,6 +428,9 @@ class JobScheduler:
             reason = status.error.message if status.error else "failed"
             return Finished(entry, FAILED, status=status, error=reason)
         if status.status is JobStatus.COMPLETED:
+            # A completed job no longer counts against the plan's concurrent jobs: its
+            # slot goes to the next submit while the results are fetched.
+            await self._free_slot_of(entry)
             try:
                 results = await self.client.get_results(job_id)
             except NotReadyError:
