@@ -520,7 +520,7 @@ class _Pacer:
     ``poll_min_seconds`` or 5% of the job's age, so a job whose progress stalls (or that
     stays ``processing`` at ``total_records``) costs few calls.
 
-    The sandbox and a fake with noisy, queued or wrong estimates (``scripts/
+    The sandbox and a fake with noisy, queued or wrong estimates (``benchmarks/
     measure_polling.py``) show 2 looks a job when the estimate is right, 3 when it is 3x
     too low, and the end seen within ~3% of the job's duration.
 

@@ -379,7 +379,11 @@ def polling(bench: Bench, n: int, job_seconds: float) -> None:
         _record(bench, scenario, estimate_s=estimate, connector=runs)
         per_job = [r.usage.status_calls_per_job() or 0.0 for r in runs]
         bench.report.info(scenario, "advertised estimate", estimate, "s")
-        bench.report.info(scenario, "status calls/job", median(per_job), "calls/job")
+        # issue 10: at most 2.2 calls per job with honest estimates, 4 when 3x low
+        limit = 2.2 if factor is None else 4.0
+        bench.report.at_most(
+            scenario, "status calls/job", median(per_job), "calls/job", limit, f"<= {limit:g}"
+        )
         bench.report.info(scenario, "connector seconds (run)", median([r.run_s for r in runs]), "s")
 
 

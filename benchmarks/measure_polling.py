@@ -10,8 +10,8 @@ status call that first sees it completed, as a share of the job's duration.
 
 Usage::
 
-    uv run python scripts/measure_polling.py                  # the standard scenarios
-    uv run python scripts/measure_polling.py --jobs 500 --seed 3
+    uv run python benchmarks/measure_polling.py                  # the standard scenarios
+    uv run python benchmarks/measure_polling.py --jobs 500 --seed 3
 """
 
 from __future__ import annotations
