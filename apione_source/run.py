@@ -18,6 +18,10 @@ Order of a run, and why:
    batch the rest by unique key and submit as slots free up, collecting as jobs finish.
 4. Wait for the jobs until the wait budget ends; the rest carry over in the journal.
 
+With ``run_enrichment`` the run spans several extracts (slices, one load package each):
+the body is one generator that yields a marker where a package may end; results are
+loaded while the next jobs run, and the journal and dlt state commit with every package.
+
 SIGTERM and SIGINT stop the run at the next safe point (a submit in the air is answered
 and journaled first); the run then fails, and the next run picks everything up.
 """
@@ -270,9 +274,8 @@ class EnrichmentRun:
         self.known = KnownKeys()
         self.pending = _Pending()
         self.to_send: list[Entry] = []  # journal entries with records to send
-        self.collected: dict[
-            str, Entry
-        ] = {}  # entry id -> entry whose results go into this package
+        # entry id -> entry whose results go into this slice's package
+        self.collected: dict[str, Entry] = {}
         self.reserved: dict[str, Entry] = {}  # key -> the open entry that carries it
         self.joins: dict[str, tuple[Entry, dict[str, BatchItem]]] = {}
         self.wrote_outcomes = False
@@ -325,9 +328,10 @@ class EnrichmentRun:
     def __iter__(self) -> Iterator[Any]:
         """One extract: the whole run, or (:attr:`records_per_load` set) its next slice.
 
-        A slice ends at a safe point once ``records_per_load`` results are in it, right
-        after the free slots were filled, so dlt loads it while those jobs run; the next
-        ``pipeline.run`` of the same source goes on with the run (``run_enrichment``).
+        A slice ends at a safe point once ``records_per_load`` results are in it and
+        nothing is to do but wait for jobs (:meth:`_cut`), so dlt loads it while those jobs
+        run; the next ``pipeline.run`` of the same source goes on with the run
+        (``run_enrichment``).
         """
         try:
             if self._body is None:
