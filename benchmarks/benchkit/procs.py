@@ -86,13 +86,27 @@ def child_env(workdir: Path, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _vm_hwm_kib(pid: int) -> int:
+    """The peak resident set of a running process (KiB), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def run_child(
     cmd: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path, timeout_s: float
 ) -> ChildRun:
-    """Run ``cmd`` to completion and measure it with ``os.wait4``.
+    """Run ``cmd`` to completion and measure it (``os.wait4``, ``/proc/<pid>/status``).
 
-    Linux reports ``ru_maxrss`` in KiB; it is the peak resident set of the child (and
-    of any child it waited for). Output goes to ``log``.
+    Peak memory is the child's own high-water mark (``VmHWM``), sampled every 20 ms
+    until it exits: Linux carries the *parent's* peak into a child's ``ru_maxrss`` across
+    fork and exec, so ``ru_maxrss`` would report at least what this harness held (a
+    million domains, say) when it started the child. Output goes to ``log``.
 
     Args:
         cmd: The command.
@@ -111,8 +125,14 @@ def run_child(
         )
         watchdog = threading.Timer(timeout_s, proc.kill)
         watchdog.start()
+        peak_kib = 0
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+                time.sleep(0.02)
         finally:
             watchdog.cancel()
         wall = time.perf_counter() - t0
@@ -120,7 +140,7 @@ def run_child(
     return ChildRun(
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024.0,
+        peak_rss_mb=(peak_kib or usage.ru_maxrss) / 1024.0,
         returncode=proc.returncode,
         log=log,
     )
