@@ -104,7 +104,7 @@ def test_given_no_key_and_a_wrong_table_when_the_definitions_load_then_every_tab
         timeout=120,
     )
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split() == [f"enriched/{t}" for t in TABLES]
+    assert listed.stdout.split() == [f"enriched/{t}" for t in sorted(TABLES)]
 
 
 def test_given_the_sandbox_when_materialized_twice_then_every_table_is_reported_and_paid_once(
