@@ -287,6 +287,7 @@ class EnrichmentRun:
         self.read_cursor: Any = None  # cursor of the last input row read (cursor mode)
         self.collected_in_slice = 0
         self.collected_ids: set[str] = set()  # entries collected this run, in any slice
+        self.new_entries: set[str] = set()  # entries made from rows this run read
         # Keys are looked up in the warehouse as rows come (not all held in memory).
         self.in_warehouse = False
         self._stack = ExitStack()
@@ -439,7 +440,8 @@ class EnrichmentRun:
             [
                 (entry, list(items.values()))
                 for entry, items in self.joins.values()
-                if entry.phase in (IN_FLIGHT, TO_SEND) and entry.entry_id not in self.collected_ids
+                if entry.phase in (IN_FLIGHT, TO_SEND, SENDING)
+                and entry.entry_id not in self.collected_ids
             ]
         )
         self.collected.clear()
@@ -538,6 +540,8 @@ class EnrichmentRun:
             if len(entry.items) > per_job:
                 pieces = [entry.items[i : i + per_job] for i in range(0, len(entry.items), per_job)]
                 self.to_send[:1] = self.journal.dissolve(entry, pieces)
+                if entry.entry_id in self.new_entries:
+                    self.new_entries.update(p.entry_id for p in self.to_send[: len(pieces)])
                 for piece in self.to_send[: len(pieces)]:
                     for item in piece.items:
                         self.reserved[item.key] = piece
@@ -563,6 +567,7 @@ class EnrichmentRun:
             return True
         items = self.pending.take(n)
         entry = self.journal.new_entry()
+        self.new_entries.add(entry.entry_id)
         for item in items:
             self.reserved[item.key] = entry
         outcome = self._await(self.sched.submit(entry, items))
@@ -858,9 +863,10 @@ class EnrichmentRun:
             outcomes.extend(
                 ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
             )
-            # The rows of a job sent this run were read already (once per run): a later
-            # row of the key is another row. Leaving them out keeps memory per key small.
-            pks = set() if entry.sent_in_load in self.loads else set(item.pks)
+            # The rows of an entry made from this run's reads were read already (once per
+            # run): a later row of the key is another row. Leaving them out keeps memory
+            # small. (A resent entry of an earlier run still has rows to come.)
+            pks = set() if entry.entry_id in self.new_entries else set(item.pks)
             self.known.keys[item.key] = KeyState(
                 status, now, job_id, item.record, pks, submitted_at=submitted_at
             )

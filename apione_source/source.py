@@ -14,6 +14,7 @@ from typing import Any
 import dlt
 from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
+from dlt.common.runtime import signals
 from dlt.common.typing import TSecretValue
 from dlt.extract.resource import DltResource
 from dlt.pipeline.exceptions import PipelineStepFailed
@@ -264,8 +265,6 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
             next run.
         ConfigurationError: A setting is wrong (checked before any API call).
     """
-    if pipeline.has_pending_data:
-        pipeline.run()
     handles = [
         h
         for r in getattr(source, "resources", {}).values()
@@ -274,11 +273,18 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
     for handle in handles:
         handle.sliced = True
     try:
-        info = pipeline.run(source, **run_kwargs)
-        # the same run goes on, one load package per records_per_load results
-        while any(h.run is not None and not h.run.finished for h in handles):
+        # One interception for the whole run: dlt's own (around a package's load) and the
+        # run's (around each slice) nest in it instead of forgetting a SIGTERM that came
+        # between slices; the run then stops before the next slice submits anything.
+        with signals.intercepted_signals():
+            if pipeline.has_pending_data:
+                pipeline.run()
             info = pipeline.run(source, **run_kwargs)
-        return info
+            # the same run goes on, one load package per records_per_load results
+            while any(h.run is not None and not h.run.finished for h in handles):
+                signals.raise_if_signalled()
+                info = pipeline.run(source, **run_kwargs)
+            return info
     except PipelineStepFailed as failed:
         cause: BaseException | None = failed
         while cause is not None and not isinstance(cause, ApiOneError):

@@ -432,3 +432,41 @@ def test_given_sigkill_after_a_job_gave_up_when_rerun_then_its_records_are_not_s
         f"SELECT count(DISTINCT key) FROM enriched.{COMPANY.outcomes} WHERE status = 'error'"
     )[0][0]
     assert errors == RECORDS_PER_JOB
+
+
+def test_given_sigterm_while_a_slice_loads_then_the_run_stops_before_the_next_slice(
+    tmp_path: Path, sandbox_factory: Callable[..., Sandbox]
+) -> None:
+    """dlt's load handles a SIGTERM by finishing the package and forgetting the signal;
+    the run must still stop then, not go on submitting until an orchestrator SIGKILLs it
+    (most likely mid-submit: a lost answer, paid twice)."""
+    sb = sandbox_factory(seed=SEED)
+    warehouse = make_warehouse(tmp_path / "warehouse.duckdb")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    cmd = runner_command(
+        workdir,
+        sb.base_url,
+        warehouse,
+        crash_at="load",
+        sig="TERM",
+        pipeline_name=PIPELINE_NAME,
+        records_per_job=RECORDS_PER_JOB,
+        concurrent_jobs=1,
+        records_per_load=RECORDS_PER_JOB,
+        wait_budget=60,
+    )
+    proc = subprocess.run(
+        cmd,
+        cwd=workdir,
+        env=runner_env(workdir, PYCACHE),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    jobs_at_stop = sb.usage()["jobs_created"]
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "Signal" in proc.stderr or "signal" in proc.stderr, proc.stderr[-2000:]
+    total_jobs = -(-len(UNIQUE_KEYS) // RECORDS_PER_JOB)
+    assert jobs_at_stop < total_jobs, "the run went on after SIGTERM"
