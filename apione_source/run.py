@@ -625,8 +625,11 @@ class EnrichmentRun:
             looked_up = self._look_up(pipeline, norms, must_exist) if in_warehouse else {}
             for row, norm in zip(chunk, norms, strict=True):
                 self.stats.rows_read += 1
-                if isinstance(norm, Normalized) and row.pk is not None and row.fp is not None:
-                    inputs.append(ledger.input_row(row.pk, norm.key, row.fp, now, self.load_id))
+                if row.pk is not None and row.fp is not None:
+                    # a rejected row gets key '' (never fresh): it comes back every run, so
+                    # a row fixed back to its old value has its rejection removed
+                    key = norm.key if isinstance(norm, Normalized) else ""
+                    inputs.append(ledger.input_row(row.pk, key, row.fp, now, self.load_id))
                 if self._classify(row, norm, now, rejected, reused) == "cap":
                     stopped = True
                     break
