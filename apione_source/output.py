@@ -45,12 +45,10 @@ class Output:
         self.load_id = load_id
         self._schemas = {t: columns_to_arrow(c, _CAPS, "UTC") for t, c in columns.items()}
         self._rows: dict[str, list[dict[str, Any]]] = {t: [] for t in columns}
-        self.buffered = 0
 
     def add(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Buffer ``rows`` for ``table``."""
         self._rows[table].extend(rows)
-        self.buffered += len(rows)
 
     def ready(self) -> Iterator[Any]:
         """Arrow tables of every table holding at least ``flush_rows`` rows."""
@@ -66,7 +64,6 @@ class Output:
 
     def _take(self, table: str) -> Any:
         rows, self._rows[table] = self._rows[table], []
-        self.buffered -= len(rows)
         return dlt.mark.with_table_name(self.to_arrow(table, rows), table)
 
     def to_arrow(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:

@@ -293,7 +293,6 @@ class EnrichmentRun:
         self._stack = ExitStack()
         self._body: Generator[Any, None, None] | None = None
         self._closed = False
-        self.lists = list(settings.names.lists)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -669,9 +668,6 @@ class EnrichmentRun:
             for key, ks in self.known.stale(now, self.s.ttls):
                 if ks.input and key not in self.reserved:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
-        if cursor_mode:
-            # the slice's end moves it back to the first row whose key stays unsent
-            self.read_cursor = last_cursor
 
     def _cutoffs(self, now: datetime) -> dict[str, datetime]:
         """Final status -> outcomes finished before this are stale."""
@@ -857,7 +853,7 @@ class EnrichmentRun:
                 err = result.error.message if result.error else None
                 if status == "matched":
                     row, lists = enrichment_rows(
-                        item.key, job_id, now, result, self.lists, version_hash=self.s.scd2
+                        item.key, job_id, now, result, self.s.names.lists, version_hash=self.s.scd2
                     )
                     enriched.append(row)
                     for name, rows in lists.items():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any, get_args, get_origin
 
@@ -200,7 +201,7 @@ def enrichment_rows(
     job_id: str,
     enriched_at: datetime,
     result: RecordResult,
-    lists: list[str],
+    lists: Iterable[str],
     *,
     version_hash: bool,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:

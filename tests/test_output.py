@@ -101,7 +101,7 @@ def test_given_rows_over_the_flush_size_then_only_full_tables_are_handed_over() 
     out.add(COMPANY.jobs, rows[2:])
     [ready] = list(out.ready())
     assert ready.data.num_rows == 4 and ready.meta.table_name == COMPANY.jobs
-    assert out.buffered == 0
+    assert list(out.flush()) == []  # nothing left behind
     out.add(COMPANY.runs, [{"load_id": "1", "type": "company"}])
     assert [t.data.num_rows for t in out.flush()] == [1]
 
