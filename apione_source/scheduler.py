@@ -57,6 +57,10 @@ COMPLETED = "completed"
 __all__ = ["COMPLETED", "EXPIRED", "FAILED", "LOST", "TIMED_OUT", "VANISHED"]
 
 _MAX_LOST_STREAK = 3
+# Completed jobs whose results are fetched but not yet taken by the run, at most. The run
+# turns results into rows slower than ApiOne serves them: without a bound, every
+# completed job's results would wait in memory (about 4 KB a record, parsed).
+_HELD_RESULTS = 4
 # How long polling may be interrupted by a stop request (SIGTERM/SIGINT) at most.
 _STOP_CHECK_SECONDS = 0.5
 
@@ -169,6 +173,7 @@ class JobScheduler:
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._slot_freed_for: set[str] = set()  # entries whose poller gave its slot back
+        self._results_room = asyncio.Semaphore(_HELD_RESULTS)
 
     async def close(self) -> None:
         """Stop polling (jobs still running are carried over by the journal)."""
@@ -431,18 +436,46 @@ class JobScheduler:
             # A completed job no longer counts against the plan's concurrent jobs: its
             # slot goes to the next submit while the results are fetched.
             await self._free_slot_of(entry)
-            try:
-                results = await self.client.get_results(job_id)
-            except NotReadyError:
-                return status  # completed, results not served yet: look again soon
-            except JobNotFoundError as exc:
-                return Finished(entry, VANISHED, status=status, error=str(exc))
-            except ResultsExpiredError as exc:
-                return Finished(entry, EXPIRED, status=status, error=str(exc))
-            return Finished(entry, COMPLETED, results=results, status=status)
+            return await self._fetch_results(entry, status)
         if self.wall_clock() - entry.submitted_at > self.settings.job_timeout_seconds:
             return Finished(entry, TIMED_OUT, status=status, error="job did not finish in time")
         return status
+
+    async def _fetch_results(self, entry: Entry, status: Job) -> Finished | Job:
+        """A completed job's results, fetched once the run has room for them."""
+        if not await self._room_for_results():
+            return status  # the run is ending: the job is carried over
+        kept = False
+        try:
+            results = await self.client.get_results(str(entry.job_id))
+            kept = True  # held until the run takes it (see _taken)
+            return Finished(entry, COMPLETED, results=results, status=status)
+        except NotReadyError:
+            return status  # completed, results not served yet: look again soon
+        except JobNotFoundError as exc:
+            return Finished(entry, VANISHED, status=status, error=str(exc))
+        except ResultsExpiredError as exc:
+            return Finished(entry, EXPIRED, status=status, error=str(exc))
+        finally:
+            if not kept:
+                self._results_room.release()
+
+    async def _room_for_results(self) -> bool:
+        while self.remaining > 0 and self.stop_error is None:
+            try:
+                await asyncio.wait_for(
+                    self._results_room.acquire(), min(self.remaining, _STOP_CHECK_SECONDS)
+                )
+                return True
+            except asyncio.TimeoutError:
+                continue
+        return False
+
+    def _taken(self, fin: Finished) -> Finished:
+        """``fin`` handed to the run: its results no longer count as held here."""
+        if fin.results is not None:
+            self._results_room.release()
+        return fin
 
     def is_due(self, entry: Entry) -> bool:
         """False while a job is resting after answers the contract does not know."""
@@ -455,7 +488,7 @@ class JobScheduler:
         """Wait for the next finished job; None once nothing more can finish this run."""
         while True:
             if not self.finished.empty():
-                return self.finished.get_nowait()
+                return self._taken(self.finished.get_nowait())
             self._raise_poller_crash()
             if not self.in_flight or self.stop_error is not None:
                 return None
@@ -465,7 +498,7 @@ class JobScheduler:
             running = {t for t in self._pollers.values() if not t.done()}
             done, _ = await asyncio.wait({getter, *running}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
-                return getter.result()
+                return self._taken(getter.result())
             getter.cancel()
 
     def _raise_poller_crash(self) -> None:
@@ -486,13 +519,13 @@ class JobScheduler:
 
     def take_ready(self) -> Finished:
         """The next finished job (only when :attr:`has_ready`)."""
-        return self.finished.get_nowait()
+        return self._taken(self.finished.get_nowait())
 
     def drain_ready(self) -> list[Finished]:
         """Finished jobs already waiting, without blocking."""
         ready = []
         while not self.finished.empty():
-            ready.append(self.finished.get_nowait())
+            ready.append(self._taken(self.finished.get_nowait()))
         return ready
 
 

@@ -180,6 +180,39 @@ def test_given_the_plan_limit_when_submitting_then_never_more_jobs_in_flight() -
     assert len(sched.journal.in_phase(IN_FLIGHT)) == 2
 
 
+def test_given_jobs_done_faster_than_the_run_takes_them_then_few_results_are_held() -> None:
+    """Results wait on ApiOne, not in memory, until the run has room for them."""
+    client, t = ScriptedClient([]), FakeTime()
+    client.estimate = 0  # instant jobs
+    client.status_script = ["completed"] * 12
+    fetched: list[str] = []
+    results = client.get_results
+
+    async def counted(job_id: str) -> Any:
+        fetched.append(job_id)
+        return await results(job_id)
+
+    client.get_results = counted  # type: ignore[method-assign]
+    sched = _scheduler(client, t, concurrent_jobs=12)
+
+    async def go() -> list[str]:
+        for _ in range(12):
+            assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        for _ in range(50):  # let every poller run as far as it can
+            await asyncio.sleep(0)
+        held = len(fetched)
+        taken = []
+        while (fin := await sched.next_finished()) is not None:
+            assert fin.kind == COMPLETED
+            taken.append(str(fin.entry.job_id))
+        await sched.close()
+        assert held == 4  # the bound, though all 12 jobs were done
+        return taken
+
+    assert sorted(_run(go())) == sorted(f"job_{i}" for i in range(1, 13))  # none lost
+    assert len(fetched) == 12
+
+
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
     client, t = ScriptedClient([]), FakeTime()
     sched = _scheduler(client, t)
