@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
@@ -96,6 +97,12 @@ _T = TypeVar("_T")
 
 NULL_PK = "<NULL>"  # rejected-table key of rows whose primary key is NULL
 _CUT = object()  # yielded by the run body where a load package may end
+# CPython runs its cyclic garbage collector every 700 net new container objects, and a full
+# collection every so often rescans every object alive. A run allocates millions (parsed
+# results, rows) while holding many (known keys, journal entries): with the default, full
+# collections took a fifth of a 100k-record run. Rows hold no reference cycles, so the
+# collector can run less often without holding more memory (measured: peak RSS lower too).
+_GC_YOUNG_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,17 @@ class _Pending:
     def min_cursor(self) -> Any:
         cursors = [i.cursor for i in self.items.values() if i.cursor is not None]
         return min(cursors) if cursors else None
+
+
+@contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Run CPython's cyclic garbage collector less often inside the block."""
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, _GC_YOUNG_THRESHOLD), *older)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, *older)
 
 
 class RunLock:
@@ -380,6 +398,7 @@ class EnrichmentRun:
         names = self.s.names
         self.reader.check()  # here, not when the source is built: that touches nothing
         stack = self._stack
+        stack.enter_context(_fewer_collections())
         lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
         stack.callback(lock.release)
         dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
