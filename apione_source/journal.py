@@ -153,7 +153,10 @@ class Entry:
     pipeline: str
     gen: int = 0
     phase: str = TO_SEND
-    items: list[BatchItem] = field(default_factory=list)
+    _items: list[BatchItem] = field(default_factory=list, repr=False)
+    # The journal's JSON of the items, read only when they are used: a run's journal holds
+    # every record it sent until the next run forgets the loaded entries unread.
+    _raw_items: str | None = field(default=None, repr=False)
     job_id: str | None = None
     sent_at: float = 0.0
     sent_in_load: str = ""
@@ -168,6 +171,21 @@ class Entry:
     unreported: list[SpentGen] = field(default_factory=list)
 
     @property
+    def items(self) -> list[BatchItem]:
+        """The records of the current generation, with their input rows."""
+        if self._raw_items is not None:
+            self._items, self._raw_items = _items(self._raw_items), None
+        return self._items
+
+    @items.setter
+    def items(self, items: list[BatchItem]) -> None:
+        self._items, self._raw_items = items, None
+
+    def set_items_json(self, raw: str) -> None:
+        """Items as the journal wrote them, parsed when first used."""
+        self._items, self._raw_items = [], raw or None
+
+    @property
     def attempt(self) -> int:
         """The highest attempt among the records of the current generation."""
         return max((i.attempt for i in self.items), default=1)
@@ -179,8 +197,14 @@ class JournalStore(Protocol):
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert ``rows`` in one atomic statement."""
 
-    def read(self, scope: str) -> list[dict[str, Any]]:
-        """Every row of ``scope``."""
+    def read(
+        self, scope: str, entry_ids: Sequence[str] | None = None, lean: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every row of ``scope`` (of ``entry_ids`` only, when given).
+
+        ``lean``: the ``items`` of ``planned`` and ``send`` rows (every record sent) read as
+        ``''``: enough to tell which entries are finished.
+        """
 
     def delete(self, scope: str, entry_ids: Sequence[str]) -> None:
         """Forget finished entries."""
@@ -196,12 +220,27 @@ class MemoryStore:
     def append(self, rows: Sequence[dict[str, Any]]) -> None:  # noqa: D102
         self.rows.extend(dict(r) for r in rows)
 
-    def read(self, scope: str) -> list[dict[str, Any]]:  # noqa: D102
-        return [dict(r) for r in self.rows if r["scope"] == scope]
+    def read(  # noqa: D102
+        self, scope: str, entry_ids: Sequence[str] | None = None, lean: bool = False
+    ) -> list[dict[str, Any]]:
+        wanted = None if entry_ids is None else set(entry_ids)
+        rows = [
+            dict(r)
+            for r in self.rows
+            if r["scope"] == scope and (wanted is None or r["entry_id"] in wanted)
+        ]
+        for row in rows if lean else ():
+            if row["event"] in _SENT_EVENTS:
+                row["items"] = ""
+        return rows
 
     def delete(self, scope: str, entry_ids: Sequence[str]) -> None:  # noqa: D102
         gone = set(entry_ids)
         self.rows = [r for r in self.rows if not (r["scope"] == scope and r["entry_id"] in gone)]
+
+
+# Events whose items are every record sent: a lean read leaves them out.
+_SENT_EVENTS = ("planned", "send")
 
 
 def _items_json(items: Iterable[BatchItem]) -> str:
@@ -230,14 +269,34 @@ def fold(rows: Iterable[dict[str, Any]]) -> dict[str, Entry]:
             for row in entry_rows:
                 _apply(entry, row)
         except (ValueError, TypeError, KeyError) as exc:
-            raise JournalCorruptError(
-                f"the job journal has an unreadable row for entry {entry_id!r} "
-                f"({type(exc).__name__}: {exc}). Its records may be in flight and paid for: "
-                "restore the row, or, once you know the job's results are loaded, delete the "
-                "entry's rows (DELETE FROM <dataset>._apione_journal WHERE entry_id = ...)"
-            ) from None
+            raise _corrupt(entry_id, exc) from None
         entries[entry_id] = entry
     return entries
+
+
+def _settle(entry: Entry, done_loads: set[str]) -> bool:
+    """Mark what completed loads mean for ``entry``; True when it can be forgotten."""
+    entry.unreported = [s for s in entry.spent if not s.loads & done_loads]
+    entry.done = entry.phase == CLOSED or (
+        entry.phase == IN_FLIGHT and bool(entry.collected_in & done_loads)
+    )
+    return entry.done and not entry.unreported
+
+
+def _read_items(entry: Entry) -> None:
+    try:
+        entry.items  # noqa: B018 (parses them)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _corrupt(entry.entry_id, exc) from None
+
+
+def _corrupt(entry_id: str, exc: Exception) -> JournalCorruptError:
+    return JournalCorruptError(
+        f"the job journal has an unreadable row for entry {entry_id!r} "
+        f"({type(exc).__name__}: {exc}). Its records may be in flight and paid for: "
+        "restore the row, or, once you know the job's results are loaded, delete the "
+        "entry's rows (DELETE FROM <dataset>._apione_journal WHERE entry_id = ...)"
+    )
 
 
 def _apply(entry: Entry, row: dict[str, Any]) -> None:
@@ -248,9 +307,11 @@ def _apply(entry: Entry, row: dict[str, Any]) -> None:
     event, gen, at = row["event"], int(row["gen"]), float(row["written_at"])
     entry.seq = int(row["seq"])
     if event == "planned":
-        entry.gen, entry.items, entry.phase = gen, _items(row["items"]), TO_SEND
+        entry.gen, entry.phase = gen, TO_SEND
+        entry.set_items_json(row["items"])
     elif event == "send":
-        entry.gen, entry.items, entry.phase = gen, _items(row["items"]), SENDING
+        entry.gen, entry.phase = gen, SENDING
+        entry.set_items_json(row["items"])
         entry.sent_at, entry.job_id, entry.collected_in = at, None, set()
         entry.sent_in_load = row["load_id"]
         entry.deferrals = 0
@@ -329,25 +390,23 @@ class Journal:
             completed: Given load ids, returns those whose load completed at the
                 destination.
         """
-        self.entries = fold(self.store.read(self.scope))
+        # Lean first: most entries are finished (their results are loaded), and their
+        # records, most of the journal's bytes, need not be read at all.
+        lean = fold(self.store.read(self.scope, lean=True))
         loads = set()
-        for e in self.entries.values():
+        for e in lean.values():
             loads |= e.collected_in
             for s in e.spent:
                 loads |= s.loads
         done_loads = completed(loads) if loads else set()
-        finished = []
-        for e in self.entries.values():
-            e.unreported = [s for s in e.spent if not s.loads & done_loads]
-            e.done = e.phase == CLOSED or (
-                e.phase == IN_FLIGHT and bool(e.collected_in & done_loads)
-            )
-            if e.done and not e.unreported:
-                finished.append(e.entry_id)
+        finished = {e.entry_id for e in lean.values() if _settle(e, done_loads)}
         if finished:
-            self.store.delete(self.scope, finished)
-            for entry_id in finished:
-                del self.entries[entry_id]
+            self.store.delete(self.scope, sorted(finished))
+        kept = [entry_id for entry_id in lean if entry_id not in finished]
+        self.entries = fold(self.store.read(self.scope, entry_ids=kept)) if kept else {}
+        for e in self.entries.values():
+            _settle(e, done_loads)
+            _read_items(e)  # the open entries' records are needed: unreadable ones fail here
 
     # --- reading ------------------------------------------------------------------------
 
@@ -546,11 +605,27 @@ class SqlStore:
             sql = f"INSERT INTO {self._qualified} ({cols}) VALUES " + ", ".join([one] * len(chunk))
             self._client.execute_sql(sql, *args)
 
-    def read(self, scope: str) -> list[dict[str, Any]]:  # noqa: D102
-        cols = ", ".join(self._col(c) for c in COLUMNS)
-        sql = f"SELECT {cols} FROM {self._qualified} WHERE {self._col('scope')} = %s"
-        with self._client.execute_query(sql, scope) as cur:
-            return [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
+    def read(  # noqa: D102
+        self, scope: str, entry_ids: Sequence[str] | None = None, lean: bool = False
+    ) -> list[dict[str, Any]]:
+        cols = [self._col(c) for c in COLUMNS]
+        if lean:
+            sent = ", ".join(f"'{e}'" for e in _SENT_EVENTS)
+            items = COLUMNS.index("items")
+            cols[items] = (
+                f"CASE WHEN {self._col('event')} IN ({sent}) THEN '' ELSE {cols[items]} END"
+            )
+        sql = f"SELECT {', '.join(cols)} FROM {self._qualified} WHERE {self._col('scope')} = %s"
+        chunks: list[list[str]] = [[]]
+        if entry_ids is not None:
+            ids = list(entry_ids)
+            chunks = [ids[i : i + _INSERT_CHUNK] for i in range(0, len(ids), _INSERT_CHUNK)]
+        rows = []
+        for chunk in chunks:
+            where = f" AND {self._col('entry_id')} IN ({', '.join(['%s'] * len(chunk))})"
+            with self._client.execute_query(sql + where if chunk else sql, scope, *chunk) as cur:
+                rows += [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
+        return rows
 
     def delete(self, scope: str, entry_ids: Sequence[str]) -> None:  # noqa: D102
         for start in range(0, len(entry_ids), _INSERT_CHUNK):

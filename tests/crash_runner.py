@@ -350,8 +350,8 @@ class _NoDelete:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def read(self, scope: str) -> list[dict[str, Any]]:
-        return self.store.read(scope)
+    def read(self, scope: str, entry_ids: Any = None, lean: bool = False) -> list[dict[str, Any]]:
+        return self.store.read(scope, entry_ids, lean)
 
     def delete(self, scope: str, entry_ids: Any) -> None:
         pass

@@ -1,0 +1,94 @@
+"""Opening the journal in the warehouse: finished entries are forgotten without reading their
+records (a run's journal holds every record it sent), open ones are read whole."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dlt
+import pytest
+
+from apione_source.errors import JournalCorruptError
+from apione_source.journal import IN_FLIGHT, BatchItem, Journal, SqlStore
+
+SCOPE = "apione_companies_outcomes"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    pipeline = dlt.pipeline(
+        "journal_open",
+        destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    with SqlStore(pipeline.sql_client, "_apione_journal", "duckdb") as opened:
+        yield opened
+
+
+def _journal(store: SqlStore, run: str) -> Journal:
+    return Journal(store, SCOPE, "p", run, clock=lambda: 1.0)
+
+
+def _sent(journal: Journal, n: int, job_id: str) -> str:
+    entry = journal.new_entry()
+    items = [
+        BatchItem(f"{job_id}-{i}.com", {"domain": f"{job_id}-{i}.com"}, [str(i)]) for i in range(n)
+    ]
+    journal.send(entry, items)
+    journal.job_created(entry, job_id)
+    return entry.entry_id
+
+
+def _spoil_items(store: SqlStore, entry_id: str) -> None:
+    """An entry's `send` row with records nobody can read."""
+    store._client.execute_sql(
+        "UPDATE enriched._apione_journal SET items = 'not json' WHERE entry_id = %s", entry_id
+    )
+
+
+def test_given_a_loaded_entry_with_unreadable_records_when_opened_then_forgotten_unread(
+    store: SqlStore,
+) -> None:
+    first = _journal(store, "run1")
+    first.open(lambda loads: set())
+    loaded = _sent(first, 3, "job_loaded")
+    running = _sent(first, 2, "job_running")
+    first.collected([first.entries[loaded]], "run1")
+    _spoil_items(store, loaded)  # never read again: its results are in a completed load
+
+    second = _journal(store, "run2")
+    second.open(lambda loads: loads & {"run1"})
+
+    assert list(second.entries) == [running]
+    entry = second.entries[running]
+    assert entry.phase == IN_FLIGHT and entry.job_id == "job_running"
+    assert [i.key for i in entry.items] == ["job_running-0.com", "job_running-1.com"]
+    assert {r["entry_id"] for r in store.read(SCOPE)} == {running}  # the loaded one deleted
+
+
+def test_given_an_open_entry_with_unreadable_records_when_opened_then_the_run_fails(
+    store: SqlStore,
+) -> None:
+    first = _journal(store, "run1")
+    first.open(lambda loads: set())
+    running = _sent(first, 2, "job_running")
+    _spoil_items(store, running)
+
+    with pytest.raises(JournalCorruptError, match=running):
+        _journal(store, "run2").open(lambda loads: set())
+
+
+def test_given_more_open_entries_than_one_query_takes_when_opened_then_all_read(
+    store: SqlStore,
+) -> None:
+    first = _journal(store, "run1")
+    first.open(lambda loads: set())
+    ids = {_sent(first, 1, f"job{i}") for i in range(250)}  # 100 ids per query
+
+    second = _journal(store, "run2")
+    second.open(lambda loads: set())
+
+    assert set(second.entries) == ids
+    assert all(len(e.items) == 1 and e.phase == IN_FLIGHT for e in second.entries.values())
