@@ -23,6 +23,10 @@ HERE = Path(__file__).resolve().parent
 CONNECTOR_RUNNER = HERE / "run_connector.py"
 BASELINE_RUNNER = HERE / "run_baseline.py"
 PIPELINE_NAME = "bench_enrich"
+# The destination's DuckDB setting, for the connector and dlt's baseline alike: the README
+# recommends a memory limit where the pipeline shares a machine (DuckDB's default is 80% of
+# RAM, which it fills with cached pages of the tables it merges into).
+DUCKDB_GLOBAL_CONFIG = json.dumps({"memory_limit": "256MB"})
 CHILD_TIMEOUT_S = 4 * 3600.0
 
 
@@ -112,6 +116,7 @@ def connector_env(workdir: Path, input_db: Path, out_db: Path, base_url: str) ->
             "DESTINATION": "duckdb",
             "DATASET": OUTPUT_DATASET,
             "DESTINATION__DUCKDB__CREDENTIALS": str(out_db),
+            "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG": DUCKDB_GLOBAL_CONFIG,
             "SOURCES__APIONE__API_KEY": API_KEY,
             "SOURCES__APIONE__BASE_URL": base_url,
             "SOURCES__APIONE__ENRICHMENT_TYPE": "company",
@@ -179,7 +184,13 @@ def run_baseline(connector: ConnectorRun, workdir: Path) -> BaselineRun:
     workdir.mkdir(parents=True, exist_ok=True)
     out_db = workdir / "baseline.duckdb"
     result = workdir / "baseline.json"
-    env = child_env(workdir, {})
+    env = child_env(
+        workdir,
+        {
+            "DESTINATION__DUCKDB__CREDENTIALS": str(out_db),
+            "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG": DUCKDB_GLOBAL_CONFIG,
+        },
+    )
     cmd = [
         PYTHON,
         str(BASELINE_RUNNER),
