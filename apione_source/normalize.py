@@ -565,7 +565,12 @@ def normalize_record(
     Raises:
         ValueError: ``enrichment_type`` is not a known enrichment type.
     """
-    kind = EnrichmentType(enrichment_type)
+    # (EnrichmentType(member) costs more than normalizing a domain: once per row adds up)
+    kind = (
+        enrichment_type
+        if isinstance(enrichment_type, EnrichmentType)
+        else EnrichmentType(enrichment_type)
+    )
     if not isinstance(values, Mapping):
         return Rejection(MISSING_FIELDS, f"row must be a mapping, got {type(values).__name__}")
     try:

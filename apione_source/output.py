@@ -46,26 +46,55 @@ class Output:
         self.load_id = load_id
         self._schemas = {t: columns_to_arrow(c, _CAPS, "UTC") for t, c in columns.items()}
         self._rows: dict[str, list[dict[str, Any]]] = {t: [] for t in columns}
+        # rows given column by column, already arrow, and how many rows they hold
+        self._pieces: dict[str, list[pa.Table]] = {t: [] for t in columns}
+        self._piece_rows = dict.fromkeys(columns, 0)
 
     def add(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Buffer ``rows`` for ``table``."""
         self._rows[table].extend(rows)
 
+    def add_columns(self, table: str, columns: dict[str, list[Any]]) -> None:
+        """Buffer rows of ``table`` given column by column (hinted columns only)."""
+        n = len(next(iter(columns.values()), []))
+        if not n:
+            return
+        schema = self._schemas[table]
+        try:
+            piece = pa.Table.from_pydict(
+                columns, schema=pa.schema([schema.field(name) for name in columns])
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            # a value that does not fit: the rows go the careful way
+            rows = zip(*columns.values(), strict=True)
+            self.add(table, [dict(zip(columns, row, strict=True)) for row in rows])
+            return
+        self._pieces[table].append(piece)
+        self._piece_rows[table] += n
+
     def ready(self) -> Iterator[Any]:
         """Arrow tables of every table holding at least ``flush_rows`` rows."""
         for table, rows in self._rows.items():
-            if len(rows) >= self.flush_rows:
+            if len(rows) + self._piece_rows[table] >= self.flush_rows:
                 yield self._take(table)
 
     def flush(self) -> Iterator[Any]:
         """Arrow tables of everything buffered."""
         for table, rows in self._rows.items():
-            if rows:
+            if rows or self._pieces[table]:
                 yield self._take(table)
 
     def _take(self, table: str) -> Any:
         rows, self._rows[table] = self._rows[table], []
-        return dlt.mark.with_table_name(self.to_arrow(table, rows), table)
+        pieces, self._pieces[table], self._piece_rows[table] = self._pieces[table], [], 0
+        if rows:
+            pieces.append(self._typed(table, rows))
+        data = (
+            pieces[0]
+            if len(pieces) == 1
+            else pa.concat_tables(pieces, promote_options="permissive")
+        )
+        return dlt.mark.with_table_name(self._with_dlt_columns(data), table)
 
     def to_arrow(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
         """``rows`` as one arrow table: hinted columns typed, other columns inferred.
@@ -73,18 +102,26 @@ class Output:
         A value that does not fit its hinted type (text in a number column, say) goes to
         a ``<column>__v_text`` variant column instead, as dlt itself would do it.
         """
+        return self._with_dlt_columns(self._typed(table, rows))
+
+    def _typed(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
         try:
-            data = self._fast(table, rows)
+            return self._fast(table, rows)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            data = self._careful(table, rows)
-        # dlt's own columns, as it adds them to rows it normalizes: lineage to _dlt_loads,
-        # and the NOT NULL columns of tables a version before arrow created
+            return self._careful(table, rows)
+
+    def _with_dlt_columns(self, data: pa.Table) -> pa.Table:
+        """``data`` with dlt's own columns, as dlt adds them to rows it normalizes.
+
+        Lineage to ``_dlt_loads``, and the NOT NULL columns of tables that a version before
+        arrow created.
+        """
         data = data.append_column(
             pa.field("_dlt_load_id", pa.string(), nullable=False),
-            pa.array([self.load_id] * len(rows), type=pa.string()),
+            pa.array([self.load_id] * data.num_rows, type=pa.string()),
         )
         return data.append_column(
-            pa.field("_dlt_id", pa.string(), nullable=False), _row_ids(len(rows))
+            pa.field("_dlt_id", pa.string(), nullable=False), _row_ids(data.num_rows)
         )
 
     def _fast(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
@@ -161,14 +198,14 @@ def _typed(values: list[Any], type_: pa.DataType) -> tuple[pa.Array, pa.Array | 
     misfits: list[str | None] = []
     for value in values:
         try:
-            pa.array([value]).cast(type_)
+            # each value as the column's type already: mixed ones (7 among text) then fit
+            fits.append(pa.array([value]).cast(type_)[0].as_py())
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             fits.append(None)
             misfits.append(value if isinstance(value, str) else json.dumps(value, default=str))
         else:
-            fits.append(value)
             misfits.append(None)
-    return pa.array(fits).cast(type_), pa.array(misfits, type=pa.string())
+    return pa.array(fits, type=type_), pa.array(misfits, type=pa.string())
 
 
 def _json_text(value: Any) -> Any:

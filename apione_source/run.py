@@ -81,6 +81,7 @@ from apione_source.reader import (
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import (
     FINAL_STATUSES,
+    ListRows,
     TableNames,
     enrichment_rows,
     table_columns,
@@ -851,7 +852,7 @@ class EnrichmentRun:
         submitted_at = utc_from_timestamp(entry.submitted_at)
         outcomes: list[dict[str, Any]] = []
         enriched: list[dict[str, Any]] = []
-        elements: dict[str, list[dict[str, Any]]] = {f: [] for f in self.s.names.lists}
+        elements = {f: ListRows() for f in self.s.names.lists}
         counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
         matched, problem = self._match(entry.items, fin.results.results)
         if problem:
@@ -875,8 +876,8 @@ class EnrichmentRun:
                         item.key, job_id, now, result, self.s.names.lists, version_hash=self.s.scd2
                     )
                     enriched.append(row)
-                    for name, rows in lists.items():
-                        elements[name].extend(rows)
+                    for name, values in lists.items():
+                        elements[name].add(item.key, job_id, values)
             counts[status] += 1
             outcomes.extend(
                 ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
@@ -896,8 +897,9 @@ class EnrichmentRun:
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
             yield from self._emit(self.s.names.enrichment, enriched)
-        for name, rows in elements.items():
-            yield from self._emit(self.s.names.lists[name], rows)
+        for name, gathered in elements.items():
+            self.out.add_columns(self.s.names.lists[name], gathered.columns)
+            yield from self._emit(self.s.names.lists[name], gathered.rows)
         if outcomes:
             yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True

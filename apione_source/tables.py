@@ -204,7 +204,7 @@ def enrichment_rows(
     lists: Iterable[str],
     *,
     version_hash: bool,
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """The enrichment-table row of one matched result, and its list-table rows.
 
     Args:
@@ -217,18 +217,18 @@ def enrichment_rows(
             otherwise: hashing every payload costs time for nothing).
 
     Returns:
-        The flat row, and list field -> its element rows (``key``, ``job_id``, ``idx``,
-        then ``value`` or the element's flat columns). A list the API sent as something
-        else than a list is kept as a column (it lands as JSON) rather than dropped.
+        The flat row, and list field -> its elements (for :meth:`ListRows.add`). A list the
+        API sent as something else than a list is kept as a column (it lands as JSON)
+        rather than dropped.
     """
     data = dict(result.data or {})
     row: dict[str, Any] = {}
-    elements: dict[str, list[dict[str, Any]]] = {}
+    elements: dict[str, list[Any]] = {}
     for name in lists:
         values = data.get(name)
         if isinstance(values, list):
             del data[name]
-            elements[name] = [_element(key, job_id, i, v) for i, v in enumerate(values)]
+            elements[name] = values
     if version_hash:
         # Hash the payload without its own timestamp, so SCD2 opens a new version only
         # when the enrichment really changed.
@@ -238,6 +238,35 @@ def enrichment_rows(
     _flatten(data, "", row)
     row.update(key=key, job_id=job_id, enriched_at=enriched_at)
     return row, elements
+
+
+class ListRows:
+    """The rows of one list table (``key``, ``job_id``, ``idx``, then the element).
+
+    Lists of scalars (tags, technologies: most of a company's rows) are gathered column by
+    column, in bulk: a dict per element cost more than everything else of a result. An
+    element that is an object becomes a row of its flat columns.
+
+    Attributes:
+        columns: ``key``, ``job_id``, ``idx`` and ``value`` of scalar elements.
+        rows: Rows of object elements.
+    """
+
+    def __init__(self) -> None:
+        """Nothing gathered yet."""
+        self.columns: dict[str, list[Any]] = {"key": [], "job_id": [], "idx": [], "value": []}
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, key: str, job_id: str, values: list[Any]) -> None:
+        """The elements of one enrichment's list."""
+        if any(isinstance(v, dict) for v in values):
+            self.rows.extend(_element(key, job_id, i, v) for i, v in enumerate(values))
+            return
+        n, columns = len(values), self.columns
+        columns["key"].extend([key] * n)
+        columns["job_id"].extend([job_id] * n)
+        columns["idx"].extend(range(n))
+        columns["value"].extend(values)
 
 
 def _element(key: str, job_id: str, idx: int, value: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from apione_source.models import EnrichmentType, RecordResult, RecordStatus
 from apione_source.output import Output
-from apione_source.tables import TableNames, enrichment_rows, table_columns
+from apione_source.tables import ListRows, TableNames, enrichment_rows, table_columns
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
 PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
@@ -124,10 +124,40 @@ def test_given_a_person_then_objects_flatten_and_lists_go_to_their_list_table() 
         "a@b.io", "j1", NOW, result, list(PEOPLE.lists), version_hash=False
     )
     assert row["company__domain"] == "b.io" and "employment_history" not in row
-    history = lists["employment_history"]
+    gathered = ListRows()
+    gathered.add("a@b.io", "j1", lists["employment_history"])
+    history = gathered.rows
     assert [(r["key"], r["job_id"], r["idx"], r["title"]) for r in history] == [
         ("a@b.io", "j1", 0, "CTO"),
         ("a@b.io", "j1", 1, "Dev"),
     ]
     table = _output(PEOPLE).to_arrow(PEOPLE.lists["employment_history"], history)
     assert table.column("start_date").to_pylist()[0].isoformat() == "2020-01-01"
+
+
+def test_given_list_elements_gathered_by_column_then_one_table_with_every_element() -> None:
+    out = _output(COMPANY)
+    tags = ListRows()
+    tags.add("a.io", "j1", ["saas", "b2b"])
+    tags.add("b.io", "j1", [])
+    tags.add("c.io", "j2", [7, {"odd": "element"}])  # off-contract: rows, kept, not dropped
+    tags.add("d.io", "j2", [8])  # a number where text is hinted
+    out.add_columns(COMPANY.lists["tags"], tags.columns)
+    out.add(COMPANY.lists["tags"], tags.rows)
+
+    [table] = [t.data for t in out.flush()]
+
+    got = sorted(zip(*(table.column(c).to_pylist() for c in ("key", "job_id", "idx")), strict=True))
+    assert got == [
+        ("a.io", "j1", 0),
+        ("a.io", "j1", 1),
+        ("c.io", "j2", 0),
+        ("c.io", "j2", 1),
+        ("d.io", "j2", 0),
+    ]
+    values = dict(
+        zip(table.column("key").to_pylist(), table.column("value").to_pylist(), strict=True)
+    )
+    assert values["d.io"] == "8" and "saas" in table.column("value").to_pylist()
+    assert table.column("_dlt_id").null_count == 0
+    assert len(set(table.column("_dlt_id").to_pylist())) == table.num_rows
