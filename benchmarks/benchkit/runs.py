@@ -25,8 +25,9 @@ BASELINE_RUNNER = HERE / "run_baseline.py"
 PIPELINE_NAME = "bench_enrich"
 # The destination's DuckDB setting, for the connector and dlt's baseline alike: the README
 # recommends a memory limit where the pipeline shares a machine (DuckDB's default is 80% of
-# RAM, which it fills with cached pages of the tables it merges into).
-DUCKDB_GLOBAL_CONFIG = json.dumps({"memory_limit": "256MB"})
+# RAM, which it fills with cached pages of the tables it merges into). 256MB made a merge
+# fail with DuckDB's out-of-memory error at 1M records.
+DUCKDB_GLOBAL_CONFIG = json.dumps({"memory_limit": "1GB"})
 CHILD_TIMEOUT_S = 4 * 3600.0
 
 
