@@ -35,12 +35,12 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import dlt
 from dlt.common.runtime import signals
@@ -633,6 +633,12 @@ class EnrichmentRun:
             if in_warehouse
             else self.reader.rows(last_cursor)
         )
+        # one client for every chunk's lookups, open until the run ends (it spans slices)
+        lookups: Any = None
+        if in_warehouse:
+            lookups = self._stack.enter_context(
+                cast(AbstractContextManager[Any], pipeline.sql_client())
+            )
         for chunk in chunks:
             rejected: list[dict[str, Any]] = []
             reused: list[dict[str, Any]] = []
@@ -641,7 +647,7 @@ class EnrichmentRun:
                 None if row.pk is None else normalize_record(self.s.enrichment_type, row.values)
                 for row in chunk
             ]
-            looked_up = self._look_up(pipeline, norms, must_exist) if in_warehouse else {}
+            looked_up = self._look_up(pipeline, lookups, norms, must_exist) if in_warehouse else {}
             for row, norm in zip(chunk, norms, strict=True):
                 self.stats.rows_read += 1
                 if row.pk is not None and row.fp is not None:
@@ -668,11 +674,22 @@ class EnrichmentRun:
             while not stopped and len(self.pending.items) >= per_job:
                 # Free slots first, finished jobs after: a slot left idle while results
                 # are turned into rows is wall time lost (every job of a round ends at once).
-                if self.sched.has_free_slot or not self.sched.has_ready:
+                # Unless finished jobs pile up (ApiOne is faster than rows are written):
+                # more submits would then only hold their records in memory.
+                sched = self.sched
+                if sched.has_free_slot and not sched.backlogged:
                     stopped = not self._submit_pending(per_job)
-                else:
-                    yield from self._settle(self.sched.take_ready())
+                elif sched.has_ready:
+                    yield from self._settle(sched.take_ready())
+                    while sched.backlogged and sched.has_ready:  # batches settle faster
+                        yield from self._settle(sched.take_ready())
                     self._await(asyncio.sleep(0))  # let pollers hand back their slots
+                elif sched.backlogged:
+                    fin = self._await(sched.next_finished())
+                    if fin is not None:
+                        yield from self._settle(fin)
+                else:
+                    stopped = not self._submit_pending(per_job)  # waits for a slot
                 yield from self._cut()
             self._progress()
             if stopped or not self.sched.can_submit:
@@ -695,11 +712,17 @@ class EnrichmentRun:
         return {s: now - ttls.for_status(s) for s in FINAL_STATUSES}
 
     def _look_up(
-        self, pipeline: dlt.Pipeline, norms: list[Normalized | Any], must_exist: bool
+        self,
+        pipeline: dlt.Pipeline,
+        client: Any,
+        norms: list[Normalized | Any],
+        must_exist: bool,
     ) -> dict[str, KeyState]:
         """Load the history of the keys of one chunk that this run does not know yet."""
         keys = {n.key for n in norms if isinstance(n, Normalized)} - self.known.keys.keys()
-        found = load_known_keys(pipeline, self.s.names, must_exist=must_exist, keys=sorted(keys))
+        found = load_known_keys(
+            pipeline, self.s.names, must_exist=must_exist, keys=sorted(keys), client=client
+        )
         self.known.keys.update(found.keys)
         return found.keys
 

@@ -173,6 +173,7 @@ class JobScheduler:
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._slot_freed_for: set[str] = set()  # entries whose poller gave its slot back
+        self._polling = 0  # pollers still running
         self._results_room = asyncio.Semaphore(_HELD_RESULTS)
 
     async def close(self) -> None:
@@ -358,6 +359,7 @@ class JobScheduler:
         # The job times out by the journal's time of its answer (see _look).
         timeout_at = self._answered(entry) + self.settings.job_timeout_seconds
         pacer = _Pacer(self.settings, self.rng, born, estimate, timeout_at)
+        self._polling += 1
         self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, pacer))
 
     async def _nap(self, seconds: float) -> None:
@@ -411,6 +413,7 @@ class JobScheduler:
                 now = self.clock()
                 delay = pacer.next_wait(seen, (asked + now) / 2, now, self.wall_clock() - now)
         finally:
+            self._polling -= 1
             await self._free_slot_of(entry)
 
     async def _free_slot_of(self, entry: Entry) -> None:
@@ -511,6 +514,18 @@ class JobScheduler:
     def has_free_slot(self) -> bool:
         """True when a submit would not wait for a slot."""
         return self.can_submit and self._active < self.settings.concurrent_jobs
+
+    @property
+    def backlogged(self) -> bool:
+        """True when twice as many jobs wait for the run as the plan runs at once.
+
+        Running jobs plus those done whose results wait for the run: when ApiOne finishes
+        jobs faster than the run turns results into rows, more submits would only hold
+        their records in memory (and bill nothing sooner). Twice, not once: a round's
+        jobs end together, and the next round is sent while their results are written.
+        """
+        waiting = self._polling + self.finished.qsize()
+        return waiting >= 2 * self.settings.concurrent_jobs
 
     @property
     def has_ready(self) -> bool:

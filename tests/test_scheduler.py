@@ -213,6 +213,30 @@ def test_given_jobs_done_faster_than_the_run_takes_them_then_few_results_are_hel
     assert len(fetched) == 12
 
 
+def test_given_jobs_done_faster_than_the_run_takes_them_then_the_scheduler_is_backlogged() -> None:
+    """Twice the plan's jobs waiting for the run: the run collects before it sends more."""
+    client, t = ScriptedClient([]), FakeTime()
+    client.estimate = 0
+    client.status_script = ["completed"] * 6
+    sched = _scheduler(client, t, concurrent_jobs=3)
+
+    async def go() -> list[bool]:
+        seen = []
+        for _ in range(6):
+            seen.append(sched.backlogged)
+            assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        for _ in range(50):
+            await asyncio.sleep(0)
+        seen.append(sched.backlogged)  # 6 done, 4 fetched: all wait for the run
+        while sched.backlogged:
+            assert (await sched.next_finished()) is not None
+        seen.append(sched.backlogged)
+        await sched.close()
+        return seen
+
+    assert _run(go()) == [False] * 6 + [True, False]
+
+
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
     client, t = ScriptedClient([]), FakeTime()
     sched = _scheduler(client, t)
