@@ -681,8 +681,6 @@ class EnrichmentRun:
                     stopped = not self._submit_pending(per_job)
                 elif sched.has_ready:
                     yield from self._settle(sched.take_ready())
-                    while sched.backlogged and sched.has_ready:  # batches settle faster
-                        yield from self._settle(sched.take_ready())
                     self._await(asyncio.sleep(0))  # let pollers hand back their slots
                 elif sched.backlogged:
                     fin = self._await(sched.next_finished())
