@@ -676,13 +676,13 @@ class EnrichmentRun:
                 # are turned into rows is wall time lost (every job of a round ends at once).
                 # Unless finished jobs pile up (ApiOne is faster than rows are written):
                 # more submits would then only hold their records in memory.
-                sched = self.sched
-                if sched.has_free_slot and not sched.backlogged:
+                sched, backlogged = self.sched, self._backlogged()
+                if sched.has_free_slot and not backlogged:
                     stopped = not self._submit_pending(per_job)
                 elif sched.has_ready:
                     yield from self._settle(sched.take_ready())
                     self._await(asyncio.sleep(0))  # let pollers hand back their slots
-                elif sched.backlogged:
+                elif backlogged:
                     fin = self._await(sched.next_finished())
                     if fin is not None:
                         yield from self._settle(fin)
@@ -703,6 +703,17 @@ class EnrichmentRun:
             for key, ks in self.known.stale(now, self.s.ttls):
                 if ks.input and key not in self.reserved:
                     self.pending.add(BatchItem(key, dict(ks.input), sorted(ks.pks), ks.retries + 1))
+
+    def _backlogged(self) -> bool:
+        """True when the jobs waiting for this run hold two load packages' worth of records.
+
+        (Or twice the plan's jobs, if more.) When ApiOne finishes jobs faster than their
+        results become rows, more submits would only hold their records in memory, and
+        bill nothing sooner: memory stays bounded by ``records_per_load``, not the table.
+        """
+        sched = self.sched
+        per_load = 2 * (self.records_per_load or 0) // max(1, sched.records_per_job)
+        return sched.waiting >= max(2 * sched.settings.concurrent_jobs, per_load)
 
     def _cutoffs(self, now: datetime) -> dict[str, datetime]:
         """Final status -> outcomes finished before this are stale."""

@@ -516,16 +516,9 @@ class JobScheduler:
         return self.can_submit and self._active < self.settings.concurrent_jobs
 
     @property
-    def backlogged(self) -> bool:
-        """True when twice as many jobs wait for the run as the plan runs at once.
-
-        Running jobs plus those done whose results wait for the run: when ApiOne finishes
-        jobs faster than the run turns results into rows, more submits would only hold
-        their records in memory (and bill nothing sooner). Twice, not once: a round's
-        jobs end together, and the next round is sent while their results are written.
-        """
-        waiting = self._polling + self.finished.qsize()
-        return waiting >= 2 * self.settings.concurrent_jobs
+    def waiting(self) -> int:
+        """Jobs not yet handed to the run: running, or done with results to fetch or take."""
+        return self._polling + self.finished.qsize()
 
     @property
     def has_ready(self) -> bool:

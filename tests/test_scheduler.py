@@ -213,28 +213,27 @@ def test_given_jobs_done_faster_than_the_run_takes_them_then_few_results_are_hel
     assert len(fetched) == 12
 
 
-def test_given_jobs_done_faster_than_the_run_takes_them_then_the_scheduler_is_backlogged() -> None:
-    """Twice the plan's jobs waiting for the run: the run collects before it sends more."""
+def test_given_jobs_done_faster_than_the_run_takes_them_then_they_count_as_waiting() -> None:
+    """Jobs running or done count as waiting until the run takes them."""
     client, t = ScriptedClient([]), FakeTime()
     client.estimate = 0
     client.status_script = ["completed"] * 6
     sched = _scheduler(client, t, concurrent_jobs=3)
 
-    async def go() -> list[bool]:
+    async def go() -> list[int]:
         seen = []
         for _ in range(6):
-            seen.append(sched.backlogged)
             assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+            seen.append(sched.waiting)
         for _ in range(50):
             await asyncio.sleep(0)
-        seen.append(sched.backlogged)  # 6 done, 4 fetched: all wait for the run
-        while sched.backlogged:
-            assert (await sched.next_finished()) is not None
-        seen.append(sched.backlogged)
+        seen.append(sched.waiting)  # 6 done, 4 fetched: all wait for the run
+        while await sched.next_finished() is not None:
+            seen.append(sched.waiting)
         await sched.close()
         return seen
 
-    assert _run(go()) == [False] * 6 + [True, False]
+    assert _run(go()) == [1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 0]
 
 
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
