@@ -104,6 +104,8 @@ _CUT = object()  # yielded by the run body where a load package may end
 # collections took a fifth of a 100k-record run. Rows hold no reference cycles, so the
 # collector can run less often without holding more memory (measured: peak RSS lower too).
 _GC_YOUNG_THRESHOLD = 50_000
+# Event-loop rounds a poller woken by free room needs to put its request on the wire.
+_STEPS_TO_SEND = 8
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,12 @@ class _Pending:
     def min_cursor(self) -> Any:
         cursors = [i.cursor for i in self.items.values() if i.cursor is not None]
         return min(cursors) if cursors else None
+
+
+async def _steps(n: int) -> None:
+    """Let the event loop run ``n`` rounds (tasks that were woken take their next steps)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 @contextmanager
@@ -680,12 +688,19 @@ class EnrichmentRun:
                 if sched.has_free_slot and not backlogged:
                     stopped = not self._submit_pending(per_job)
                 elif sched.has_ready:
-                    yield from self._settle(sched.take_ready())
+                    fin = sched.take_ready()
+                    if backlogged:
+                        # Taking these results made room for the next job's: let its
+                        # poller ask for them now, so ApiOne prepares them while this
+                        # job's rows are built.
+                        self._await(_steps(_STEPS_TO_SEND))
+                    yield from self._settle(fin)
                     self._await(asyncio.sleep(0))  # let pollers hand back their slots
                 elif backlogged:
-                    fin = self._await(sched.next_finished())
-                    if fin is not None:
-                        yield from self._settle(fin)
+                    finished = self._await(sched.next_finished())
+                    if finished is not None:
+                        self._await(_steps(_STEPS_TO_SEND))  # as above
+                        yield from self._settle(finished)
                 else:
                     stopped = not self._submit_pending(per_job)  # waits for a slot
                 yield from self._cut()
