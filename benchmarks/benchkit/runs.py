@@ -108,8 +108,13 @@ class BaselineRun:
     rows: dict[str, int] = field(default_factory=dict)
 
 
-def connector_env(workdir: Path, input_db: Path, out_db: Path, base_url: str) -> dict[str, str]:
-    """Settings of ``pipelines/enrich.py``, all through the environment as in production."""
+def connector_env(
+    workdir: Path, input_db: Path, out_db: Path, base_url: str, plan: str
+) -> dict[str, str]:
+    """Settings of ``pipelines/enrich.py``, all through the environment as in production.
+
+    ``plan`` is the sandbox's: the connector runs within the limits it is sold.
+    """
     return child_env(
         workdir,
         {
@@ -120,6 +125,7 @@ def connector_env(workdir: Path, input_db: Path, out_db: Path, base_url: str) ->
             "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG": DUCKDB_GLOBAL_CONFIG,
             "SOURCES__APIONE__API_KEY": API_KEY,
             "SOURCES__APIONE__BASE_URL": base_url,
+            "SOURCES__APIONE__PLAN": plan,
             "SOURCES__APIONE__ENRICHMENT_TYPE": "company",
             "SOURCES__APIONE__INPUT_DESTINATION": "duckdb",
             "SOURCES__APIONE__INPUT_CREDENTIALS": str(input_db),
@@ -157,7 +163,9 @@ def run_connector(
         shutil.copyfile(input_db, out_db)
     timing_path = workdir / "connector-timing.json"
     timing_path.unlink(missing_ok=True)
-    env = connector_env(workdir, out_db if shared else input_db, out_db, sandbox.base_url)
+    env = connector_env(
+        workdir, out_db if shared else input_db, out_db, sandbox.base_url, sandbox.spec.plan
+    )
     log = workdir / f"connector-{len(list(workdir.glob('connector-*.log'))) + 1}.log"
     cmd = [PYTHON, str(CONNECTOR_RUNNER), str(timing_path)]
     proc = run_child(cmd, env, workdir, log, CHILD_TIMEOUT_S)
