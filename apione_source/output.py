@@ -61,11 +61,13 @@ class Output:
             return
         schema = self._schemas[table]
         try:
+            if not set(columns) <= set(schema.names):
+                raise ValueError("columns the hints do not know")  # e.g. scalars for objects
             piece = pa.Table.from_pydict(
                 columns, schema=pa.schema([schema.field(name) for name in columns])
             )
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            # a value that does not fit: the rows go the careful way
+            # a value or a column that does not fit: the rows go the careful way
             rows = zip(*columns.values(), strict=True)
             self.add(table, [dict(zip(columns, row, strict=True)) for row in rows])
             return

@@ -698,7 +698,9 @@ class EnrichmentRun:
                     self._await(asyncio.sleep(0))  # let pollers hand back their slots
                 elif backlogged:
                     finished = self._await(sched.next_finished())
-                    if finished is not None:
+                    if finished is None:  # the run must stop (a stop error): no spinning
+                        stopped = True
+                    else:
                         self._await(_steps(_STEPS_TO_SEND))  # as above
                         yield from self._settle(finished)
                 else:

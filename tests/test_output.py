@@ -161,3 +161,15 @@ def test_given_list_elements_gathered_by_column_then_one_table_with_every_elemen
     assert values["d.io"] == "8" and "saas" in table.column("value").to_pylist()
     assert table.column("_dlt_id").null_count == 0
     assert len(set(table.column("_dlt_id").to_pylist())) == table.num_rows
+
+
+def test_given_scalars_where_a_list_of_objects_is_hinted_then_kept_not_a_crash() -> None:
+    out = _output(PEOPLE)
+    history = ListRows()
+    history.add("a@b.io", "j1", ["Acme", "Initech"])  # off-contract: objects expected
+    out.add_columns(PEOPLE.lists["employment_history"], history.columns)
+
+    [table] = [t.data for t in out.flush()]
+
+    assert table.column("value").to_pylist() == ["Acme", "Initech"]
+    assert table.column("idx").to_pylist() == [0, 1]
