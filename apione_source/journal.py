@@ -154,8 +154,8 @@ class Entry:
     gen: int = 0
     phase: str = TO_SEND
     _items: list[BatchItem] = field(default_factory=list, repr=False)
-    # The journal's JSON of the items, read only when they are used: a run's journal holds
-    # every record it sent until the next run forgets the loaded entries unread.
+    # The journal's JSON of the items, parsed when first used: a run never parses the
+    # records it has just written (every send), only what it reads back of open entries.
     _raw_items: str | None = field(default=None, repr=False)
     job_id: str | None = None
     sent_at: float = 0.0

@@ -90,7 +90,7 @@ class Output:
         rows, self._rows[table] = self._rows[table], []
         pieces, self._pieces[table], self._piece_rows[table] = self._pieces[table], [], 0
         if rows:
-            pieces.append(self._typed(table, rows))
+            pieces.append(self._table(table, rows))
         data = (
             pieces[0]
             if len(pieces) == 1
@@ -104,9 +104,9 @@ class Output:
         A value that does not fit its hinted type (text in a number column, say) goes to
         a ``<column>__v_text`` variant column instead, as dlt itself would do it.
         """
-        return self._with_dlt_columns(self._typed(table, rows))
+        return self._with_dlt_columns(self._table(table, rows))
 
-    def _typed(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
+    def _table(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
         try:
             return self._fast(table, rows)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):

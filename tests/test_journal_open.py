@@ -41,6 +41,12 @@ def _sent(journal: Journal, n: int, job_id: str) -> str:
     return entry.entry_id
 
 
+def _first_run(store: SqlStore) -> Journal:
+    journal = _journal(store, "run1")
+    journal.open(lambda loads: set())
+    return journal
+
+
 def _spoil_items(store: SqlStore, entry_id: str) -> None:
     """An entry's `send` row with records nobody can read."""
     store._client.execute_sql(
@@ -51,8 +57,7 @@ def _spoil_items(store: SqlStore, entry_id: str) -> None:
 def test_given_a_loaded_entry_with_unreadable_records_when_opened_then_forgotten_unread(
     store: SqlStore,
 ) -> None:
-    first = _journal(store, "run1")
-    first.open(lambda loads: set())
+    first = _first_run(store)
     loaded = _sent(first, 3, "job_loaded")
     running = _sent(first, 2, "job_running")
     first.collected([first.entries[loaded]], "run1")
@@ -71,8 +76,7 @@ def test_given_a_loaded_entry_with_unreadable_records_when_opened_then_forgotten
 def test_given_an_open_entry_with_unreadable_records_when_opened_then_the_run_fails(
     store: SqlStore,
 ) -> None:
-    first = _journal(store, "run1")
-    first.open(lambda loads: set())
+    first = _first_run(store)
     running = _sent(first, 2, "job_running")
     _spoil_items(store, running)
 
@@ -83,8 +87,7 @@ def test_given_an_open_entry_with_unreadable_records_when_opened_then_the_run_fa
 def test_given_more_open_entries_than_one_query_takes_when_opened_then_all_read(
     store: SqlStore,
 ) -> None:
-    first = _journal(store, "run1")
-    first.open(lambda loads: set())
+    first = _first_run(store)
     ids = {_sent(first, 1, f"job{i}") for i in range(250)}  # 100 ids per query
 
     second = _journal(store, "run2")

@@ -7,7 +7,11 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 
+import pytest
+
+from apione_source.scheduler import JobScheduler
 from apione_source.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.e2e import (
     COMPANY,
@@ -160,3 +164,28 @@ def test_given_a_rejected_row_when_it_is_fixed_then_it_is_enriched_and_leaves_th
         ("fixed-now.com",)
     ]
     assert billed(env.sandbox)[1] == 2
+
+
+def test_given_instant_jobs_when_run_then_jobs_waiting_to_be_collected_stay_bounded(
+    make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ApiOne finishing jobs faster than rows are written must not make the run submit the
+    whole table first (holding every record until collected): records_per_load bounds it."""
+    env = make_env()
+    env.insert_companies([(i, f"fast{i}.com") for i in range(3000)])
+    waiting_at_submit: list[int] = []
+    submit = JobScheduler.submit
+
+    async def counted(self: JobScheduler, entry: Any, items: Any) -> str:
+        waiting_at_submit.append(self.waiting)
+        return await submit(self, entry, items)
+
+    monkeypatch.setattr(JobScheduler, "submit", counted)
+
+    env.run(records_per_job=100, concurrent_jobs=5, records_per_load=100)
+
+    # bound: max(twice the plan's jobs, two loads' worth of records) = max(10, 2) jobs
+    assert len(waiting_at_submit) == 30
+    assert max(waiting_at_submit) < 10
+    assert billed(env.sandbox) == (30, 3000)  # jobs, records: each record billed once
+    assert env.count(COMPANY.outcomes) == 3000

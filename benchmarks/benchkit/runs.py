@@ -168,10 +168,7 @@ def run_connector(
     )
     log = workdir / f"connector-{len(list(workdir.glob('connector-*.log'))) + 1}.log"
     cmd = [PYTHON, str(CONNECTOR_RUNNER), str(timing_path)]
-    proc = run_child(cmd, env, workdir, log, CHILD_TIMEOUT_S)
-    if proc.returncode != 0 or not timing_path.exists():
-        raise HarnessError(f"connector exited {proc.returncode}:\n{proc.log_tail()}")
-    timing = json.loads(timing_path.read_text())
+    proc, timing = _run_json_child("connector", cmd, env, workdir, log, timing_path)
     return ConnectorRun(
         run_s=float(timing["run_s"]),
         process=proc,
@@ -182,6 +179,20 @@ def run_connector(
         workdir=workdir,
         out_db=out_db,
     )
+
+
+def _run_json_child(
+    what: str, cmd: list[str], env: dict[str, str], workdir: Path, log: Path, result: Path
+) -> tuple[ChildRun, dict[str, Any]]:
+    """Run a measured child that writes its figures to ``result`` (JSON).
+
+    Raises:
+        HarnessError: It failed, or wrote nothing.
+    """
+    proc = run_child(cmd, env, workdir, log, CHILD_TIMEOUT_S)
+    if proc.returncode != 0 or not result.exists():
+        raise HarnessError(f"{what} exited {proc.returncode}:\n{proc.log_tail()}")
+    return proc, json.loads(result.read_text())
 
 
 def run_baseline(connector: ConnectorRun, workdir: Path) -> BaselineRun:
@@ -208,10 +219,7 @@ def run_baseline(connector: ConnectorRun, workdir: Path) -> BaselineRun:
         str(out_db),
         str(result),
     ]
-    proc = run_child(cmd, env, workdir, workdir / "baseline.log", CHILD_TIMEOUT_S)
-    if proc.returncode != 0 or not result.exists():
-        raise HarnessError(f"baseline exited {proc.returncode}:\n{proc.log_tail()}")
-    body = json.loads(result.read_text())
+    proc, body = _run_json_child("baseline", cmd, env, workdir, workdir / "baseline.log", result)
     return BaselineRun(
         run_s=float(body["run_s"]),
         process=proc,
