@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from apione_source.errors import AuthenticationError
 from apione_source.scheduler import JobScheduler
 from apione_source.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.e2e import (
@@ -188,4 +190,32 @@ def test_given_instant_jobs_when_run_then_jobs_waiting_to_be_collected_stay_boun
     assert len(waiting_at_submit) == 30
     assert max(waiting_at_submit) < 10
     assert billed(env.sandbox) == (30, 3000)  # jobs, records: each record billed once
+    assert env.count(COMPANY.outcomes) == 3000
+
+
+def test_given_the_key_revoked_while_jobs_pile_up_then_the_run_fails_and_none_is_paid_twice(
+    make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env()
+    env.insert_companies([(i, f"revoked{i}.com") for i in range(3000)])
+    engine, key = env.sandbox.engine, env.sandbox.config.api_key
+    submit, submits = JobScheduler.submit, []
+
+    async def revoking(self: JobScheduler, entry: Any, items: Any) -> str:
+        submits.append(self.waiting)
+        if len(submits) == 15:  # the run is backlogged by now (bound: 10 jobs waiting)
+            engine.config = dataclasses.replace(engine.config, api_key="sk_test_revoked")
+        return await submit(self, entry, items)
+
+    monkeypatch.setattr(JobScheduler, "submit", revoking)
+    with pytest.raises(AuthenticationError):
+        env.run(records_per_job=100, concurrent_jobs=5, records_per_load=100)
+    assert max(submits) >= 9  # it was backlogged when the key went
+
+    engine.config = dataclasses.replace(engine.config, api_key=key)
+    monkeypatch.setattr(JobScheduler, "submit", submit)
+    env.run(records_per_job=100, concurrent_jobs=5, records_per_load=100)
+
+    usage = env.sandbox.usage()
+    assert usage["records_billed"] == 3000 and max(usage["billed_per_key"].values()) == 1
     assert env.count(COMPANY.outcomes) == 3000
