@@ -20,7 +20,7 @@ from apione_source.errors import MalformedResponseError
 class _ApiModel(BaseModel):
     """Base of every API object: unknown fields are kept, never fatal."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, use_attribute_docstrings=True)
 
 
 class EnrichmentType(str, Enum):
@@ -119,81 +119,132 @@ class Location(_ApiModel):
     """A postal location; every part may be null."""
 
     street: str | None = None
+    """Street address."""
     city: str | None = None
+    """City."""
     region: str | None = None
+    """Region within the country, such as a state or province."""
     country: str | None = None
+    """Country."""
     country_code: str | None = None
+    """Country code."""
     postal_code: str | None = None
+    """Postal code."""
 
 
 class Company(_ApiModel):
     """Enrichment of a company domain."""
 
     domain: str
+    """The company's web domain."""
     name: str
+    """The company's name."""
     legal_name: str | None = None
+    """The company's registered legal name."""
     description: str | None = None
+    """A text describing the company."""
     industry: str | None = None
+    """The industry the company is in."""
     tags: list[str] = Field(default_factory=list)
+    """Tags ApiOne assigns to the company (keywords)."""
     employee_count: int | None = None
+    """Number of employees."""
     employee_range: str | None = None
+    """Number of employees as a range label (text), as ApiOne reports it."""
     founded_year: int | None = None
+    """Year the company was founded."""
     company_type: Literal["public", "private", "nonprofit", "government"] | None = None
+    """Kind of company: public, private, nonprofit or government."""
     ticker: str | None = None
+    """Stock ticker symbol."""
     annual_revenue_usd: int | None = None
+    """Annual revenue, in whole US dollars per year."""
     location: Location | None = None
+    """Where the company is headquartered."""
     linkedin_url: str | None = None
+    """URL of the company's LinkedIn page."""
     twitter_handle: str | None = None
+    """The company's Twitter (X) handle."""
     technologies: list[str] = Field(default_factory=list)
+    """Technologies the company uses, as ApiOne reports them."""
     updated_at: datetime | None = None
+    """When ApiOne last updated this company's data."""
 
 
 class PersonCompany(_ApiModel):
     """The employer of a person."""
 
     name: str | None = None
+    """Name."""
     domain: str | None = None
+    """Web domain."""
 
 
 class Employment(_ApiModel):
     """One entry of a person's employment history."""
 
     company: str | None = None
+    """Name of the company of this position."""
     title: str | None = None
+    """Job title in this position."""
     start_date: date | None = None
+    """Date the position started."""
     end_date: date | None = None
+    """Date the position ended."""
 
 
 class Person(_ApiModel):
     """Enrichment of a person."""
 
     full_name: str
+    """The person's full name."""
     first_name: str | None = None
+    """The person's first (given) name."""
     last_name: str | None = None
+    """The person's last (family) name."""
     email: str | None = None
+    """The person's email address."""
     title: str | None = None
+    """The person's job title."""
     seniority: Literal["owner", "executive", "director", "manager", "senior", "entry"] | None = None
+    """Seniority level: owner, executive, director, manager, senior or entry."""
     department: str | None = None
+    """The department the person works in."""
     linkedin_url: str | None = None
+    """URL of the person's LinkedIn profile."""
     location: Location | None = None
+    """Where the person is based."""
     company: PersonCompany | None = None
+    """The company the person works at."""
     employment_history: list[Employment] = Field(default_factory=list)
+    """The person's employment history, one entry per position."""
     updated_at: datetime | None = None
+    """When ApiOne last updated this person's data."""
 
 
 class EmailCheck(_ApiModel):
     """Verification of an email address."""
 
     email: str
+    """The email address checked."""
     deliverability: Literal["deliverable", "undeliverable", "risky", "unknown"]
+    """Whether the address accepts mail: deliverable, undeliverable, risky or unknown."""
     is_free_provider: bool | None = None
+    """True if the address is at a free email provider."""
     is_disposable: bool | None = None
+    """True if the address is a disposable (throwaway) address."""
     is_role_account: bool | None = None
+    """True if the address is a role account (such as info@ or sales@) rather than a person's."""
     mx_found: bool | None = None
+    """True if the address's domain has MX (mail exchanger) DNS records."""
     domain: str | None = None
+    """The domain part of the email address."""
     person_full_name: str | None = None
+    """Full name of the person the address belongs to, if known."""
     company_domain: str | None = None
+    """Domain of the company the address belongs to, if known."""
     updated_at: datetime | None = None
+    """When ApiOne last updated this check."""
 
 
 PAYLOAD_MODELS: dict[EnrichmentType, type[_ApiModel]] = {

@@ -44,6 +44,7 @@ from typing import IO, Any, TypeVar, cast
 
 import dlt
 from dlt.common.runtime import signals
+from dlt.common.schema.utils import has_table_seen_data
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
@@ -488,6 +489,7 @@ class EnrichmentRun:
     def _run(self, pipeline: dlt.Pipeline) -> Generator[Any, None, None]:
         for legacy in ("stop_error", "jobs"):  # kept in state before the journal existed
             self.state.pop(legacy, None)
+        yield from self._create_tables()
         journal = self.journal
         for entry in journal.in_phase(TO_SEND, SENDING, IN_FLIGHT):
             for item in entry.items:
@@ -541,6 +543,21 @@ class EnrichmentRun:
                 break
             yield from self._settle(fin)
         yield from self._finish()
+
+    def _create_tables(self) -> Iterator[Any]:
+        """Create this type's tables that do not exist yet, rows or not.
+
+        So every table the dbt package reads exists after the first run (a run that
+        rejected nothing has no rejections to write). Never the enrichment table under
+        scd2: an empty scd2 load would retire every row already in it.
+        """
+        schema = dlt.current.source_schema()
+        names = self.s.names
+        for table in table_columns(names):
+            if self.s.scd2 and table == names.enrichment:
+                continue
+            if table not in schema.tables or not has_table_seen_data(schema.tables[table]):
+                yield dlt.mark.with_table_name(dlt.mark.materialize_table_schema(), table)
 
     def _warn_about_old(self, carried: list[Entry]) -> None:
         old = [

@@ -39,6 +39,7 @@ from dlt.common.schema.typing import TTableSchemaColumns
 from dlt.extract.resource import DltResource
 from pydantic import BaseModel
 
+from apione_source.descriptions import TABLES, describe, dlt_columns
 from apione_source.models import PAYLOAD_MODELS, EnrichmentType, RecordResult
 
 ENRICHMENT_TABLES = {
@@ -111,21 +112,28 @@ def list_fields(enrichment_type: EnrichmentType) -> list[str]:
     return [n for n, f in model.model_fields.items() if _list_element(f.annotation) is not None]
 
 
-def _flat_columns(model: type[BaseModel], prefix: str = "") -> TTableSchemaColumns:
-    """Typed columns of ``model`` with nested objects flattened (``location__city``)."""
+def _flat_columns(model: type[BaseModel], prefix: str = "", about: str = "") -> TTableSchemaColumns:
+    """Typed, described columns of ``model``, nested objects flattened (``location__city``).
+
+    A nested field's description follows its parent's (``about``): "Where the company is
+    headquartered: city."
+    """
     columns: TTableSchemaColumns = {}
     typed = pydantic_to_table_schema_columns(model)
     for name, field in model.model_fields.items():
         if _list_element(field.annotation) is not None:
             continue  # a list table, not a column
+        text = field.description or ""
+        described = f"{about}{text[:1].lower()}{text[1:]}" if about else text
         nested = _nested_model(field.annotation)
         if nested is not None:
-            columns.update(_flat_columns(nested, f"{prefix}{name}__"))
+            columns.update(_flat_columns(nested, f"{prefix}{name}__", f"{described[:-1]}: "))
         elif name in typed and typed[name].get("data_type") not in (None, "json"):
             columns[f"{prefix}{name}"] = {
                 **typed[name],
                 "name": f"{prefix}{name}",
                 "nullable": True,  # the API may leave out anything but the key
+                "description": described,
             }
     return columns
 
@@ -148,12 +156,14 @@ def list_table_columns(enrichment_type: EnrichmentType, field: str) -> TTableSch
     for a list of scalars, flat columns for a list of objects.
     """
     columns = _columns("key:text! job_id:text! idx:bigint!")
-    element = _list_element(PAYLOAD_MODELS[enrichment_type].model_fields[field].annotation)
-    model = _nested_model(element)
+    info = PAYLOAD_MODELS[enrichment_type].model_fields[field]
+    model = _nested_model(_list_element(info.annotation))
     if model is not None:
         columns.update(_flat_columns(model))
     else:
         columns.update(_columns("value:text"))
+        text = info.description or ""
+        columns["value"]["description"] = f"One element of: {text[:1].lower()}{text[1:]}"
     return columns
 
 
@@ -282,16 +292,34 @@ def table_columns(names: TableNames) -> dict[str, TTableSchemaColumns]:
     """The hinted columns of every table, by table name (the arrow schemas follow them)."""
     etype = names.enrichment_type
     columns = {
-        names.enrichment: enrichment_columns(etype),
-        names.jobs: JOB_COLUMNS,
-        names.runs: RUN_COLUMNS,
-        names.outcomes: OUTCOME_COLUMNS,
-        names.rejected: REJECTED_COLUMNS,
-        names.inputs: INPUT_COLUMNS,
+        names.enrichment: describe("enrichment", enrichment_columns(etype)),
+        names.jobs: describe("jobs", JOB_COLUMNS),
+        names.runs: describe("runs", RUN_COLUMNS),
+        names.outcomes: describe("outcomes", OUTCOME_COLUMNS),
+        names.rejected: describe("rejected", REJECTED_COLUMNS),
+        names.inputs: describe("inputs", INPUT_COLUMNS),
     }
     for field, table in names.lists.items():
-        columns[table] = list_table_columns(etype, field)
+        columns[table] = describe("list", list_table_columns(etype, field))
     return columns
+
+
+def table_kinds(names: TableNames) -> dict[str, str]:
+    """Table name -> its kind in :data:`apione_source.descriptions.TABLES`."""
+    kinds = {
+        names.enrichment: "enrichment",
+        names.jobs: "jobs",
+        names.runs: "runs",
+        names.outcomes: "outcomes",
+        names.rejected: "rejected",
+        names.inputs: "inputs",
+    }
+    return {**kinds, **dict.fromkeys(names.lists.values(), "list")}
+
+
+DLT_COLUMN_HINTS: TTableSchemaColumns = {
+    name: {"name": name, "description": text} for name, text in dlt_columns().items()
+}
 
 
 def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> None:
@@ -311,14 +339,17 @@ def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> N
         names.inputs: (merge, "input_pk"),
         **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
+    kinds = table_kinds(names)
     for table, columns in table_columns(names).items():
         disposition, key = keys[table]
         scd2_table = scd2 and table == names.enrichment
         resource.apply_hints(
             table_name=table,
             write_disposition=disposition,
-            columns=columns,
+            # dlt adds its own columns; describing them here too shows them in the schema
+            columns={**columns, **DLT_COLUMN_HINTS},
             primary_key=None if scd2_table else key,
             merge_key=key if scd2_table else None,
             create_table_variant=True,
+            additional_table_hints={"description": TABLES[kinds[table]]},
         )
