@@ -8,6 +8,7 @@ Run it twice: the second run submits nothing.
     uv run python pipelines/demo.py           # run the demo
     uv run python pipelines/demo.py --show    # look at the loaded data
     uv run python pipelines/demo.py --reset   # start over
+    uv run --group dbt python pipelines/demo.py --dbt   # build the dbt package over it
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import dlt
@@ -26,7 +28,10 @@ import duckdb
 from apione_source import apione, run_enrichment
 from apione_source.sandbox import Sandbox
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO / "demo_data"
+# A dbt project that adds the package (dbt/apione_dlt) through packages.yml, as yours would.
+DBT_PROJECT = REPO / "dbt" / "apione_dlt" / "integration_tests"
 WAREHOUSE = DATA_DIR / "warehouse.duckdb"
 API_KEY = "sk_demo_sandbox"  # the sandbox's own key; never a real one
 DATASET = "enriched"
@@ -210,6 +215,43 @@ def show() -> None:
         con.close()
 
 
+def build_dbt() -> None:
+    """Build and test the dbt package over the demo warehouse; print its companies status."""
+    try:
+        from dbt.cli.main import dbtRunner
+    except ImportError:
+        sys.exit("dbt is not installed: uv run --group dbt python pipelines/demo.py --dbt")
+    os.environ.update(
+        DBT_PROFILES_DIR=str(DBT_PROJECT),
+        DBT_SEND_ANONYMOUS_USAGE_STATS="False",
+        APIONE_DBT_DUCKDB_PATH=str(WAREHOUSE),
+        APIONE_DBT_SCHEMA=DATASET,
+    )
+    dbt = dbtRunner()
+    for command in (["deps"], ["build", "--target", "duckdb"]):
+        result = dbt.invoke([*command, "--project-dir", str(DBT_PROJECT), "--quiet"])
+        if not result.success:
+            sys.exit(f"dbt {command[0]} failed (see {DBT_PROJECT / 'logs'})")
+    done = Counter(r.node.resource_type for r in result.result)  # type: ignore[union-attr]
+    print(f"dbt build: {done['model']} models and {done['test']} tests passed")
+    con = duckdb.connect(str(WAREHOUSE))  # as dbt-duckdb opened it, still open here
+    try:
+        sql = (
+            f"SELECT input_pk, key, status, rejection_reason, name, industry, result_age_hours "
+            f"FROM {DATASET}.apione__companies_current "
+            "QUALIFY row_number() OVER (PARTITION BY status ORDER BY input_pk) <= 3 "
+            "ORDER BY status, input_pk"
+        )
+        print(f"\n{sql}")
+        con.sql(sql).show()
+        con.sql(
+            f"SELECT status, count(*) AS input_rows FROM {DATASET}.apione__companies_current "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        ).show()
+    finally:
+        con.close()
+
+
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(
@@ -217,9 +259,17 @@ def main() -> None:
     )
     parser.add_argument("--show", action="store_true", help="show the loaded data")
     parser.add_argument("--reset", action="store_true", help="delete demo_data/ first")
+    parser.add_argument(
+        "--dbt", action="store_true", help="build the dbt package over the demo's data"
+    )
     args = parser.parse_args()
     if args.show:
         show()
+        return
+    if args.dbt:
+        if not WAREHOUSE.exists():
+            run_demo()
+        build_dbt()
         return
     if args.reset and DATA_DIR.exists():
         shutil.rmtree(DATA_DIR)

@@ -1,0 +1,2 @@
+{{ config(enabled=apione_dlt.enabled('companies')) }}
+{{ apione_dlt.current('companies') }}

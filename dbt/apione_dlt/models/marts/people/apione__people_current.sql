@@ -1,0 +1,2 @@
+{{ config(enabled=apione_dlt.enabled('people')) }}
+{{ apione_dlt.current('people') }}
