@@ -30,37 +30,13 @@ import dagster as dg
 import dlt
 
 from apione_source import apione, run_enrichment, run_summaries, summary_text
+from apione_source.descriptions import TABLES
+from apione_source.models import EnrichmentType
+from apione_source.tables import TableNames, table_kinds
 
 PIPELINE_NAME = os.environ.get("PIPELINE_NAME", "apione_enrichment")
 DESTINATION = os.environ.get("DESTINATION", "duckdb")
 DATASET = os.environ.get("DATASET", "enriched")
-
-# The tables a run of one enrichment type loads, without the table prefix (README, "Tables").
-# Nested lists become dlt child tables, which exist once a row had such a list.
-TABLES: dict[str, dict[str, str]] = {
-    "company": {
-        "companies": "One row per enriched company (merge key `key`).",
-        "companies_tags": "Tags of an enriched company (join on `key` and `job_id`).",
-        "companies_technologies": "Technologies of a company (join on `key` and `job_id`).",
-        "companies_outcomes": "One row per input row and attempt: status, key, job.",
-        "companies_rejected": "Input rows that could not be sent, with a reason.",
-    },
-    "people": {
-        "people": "One row per enriched person (merge key `key`).",
-        "people_employment_history": "Employment history (join on `key` and `job_id`).",
-        "people_outcomes": "One row per input row and attempt: status, key, job.",
-        "people_rejected": "Input rows that could not be sent, with a reason.",
-    },
-    "email": {
-        "email_checks": "One row per checked email address (merge key `key`).",
-        "email_checks_outcomes": "One row per input row and attempt: status, key, job.",
-        "email_checks_rejected": "Input rows that could not be sent, with a reason.",
-    },
-}
-SHARED_TABLES = {
-    "jobs": "One row per ApiOne job, of every enrichment type.",
-    "runs": "One row per run: what it read, rejected, submitted and collected.",
-}
 
 # dlt column hints worth showing as constraints
 _CONSTRAINTS = ("primary_key", "merge_key", "unique", "row_key", "parent_key", "hard_delete")
@@ -115,17 +91,16 @@ def apione_assets(
     ``enrichment_type`` and ``table_prefix`` shape the asset graph, so they are set here
     and passed to ``apione()``; every other setting comes from dlt's config.
     """
-    tables = {
-        f"{table_prefix}{name}": description
-        for name, description in {**TABLES[enrichment_type], **SHARED_TABLES}.items()
-    }
+    # the tables a run of this type loads, described as in the dlt schema
+    names = TableNames(table_prefix, EnrichmentType(enrichment_type))
+    tables = {table: TABLES[kind] for table, kind in table_kinds(names).items()}
     specs = [
         dg.AssetSpec(
             key=dg.AssetKey([dataset_name, table]),
             description=description,
             group_name=group_name,
             kinds={"dlt", destination},
-            # a child table exists once a row had such a list; the others once written to
+            # every table exists after the first run; before it, none does
             skippable=True,
             metadata={"dagster/table_name": f"{dataset_name}.{table}"},
         )
@@ -158,7 +133,7 @@ def apione_assets(
         unknown = sorted(present - set(tables))
         if unknown:
             context.log.warning(f"tables loaded but not declared as assets: {unknown}")
-        # a table nothing was ever written to does not exist yet: no materialization
+        # a table that does not exist yet (no run created it) is not materialized
         written = [table for table in tables if table in present]
         counts = _row_counts(pipeline, written)
         for table in written:

@@ -1,11 +1,13 @@
 {% test every_input_row_once(model, column_name, inputs, rejected, outcomes) %}
 {#- Every input row the connector has seen is in ``model`` exactly once, and nothing else. -#}
 with seen as (
-    select input_pk from {{ inputs }}
-    union
-    select input_pk from {{ rejected }}
-    union
-    select input_pk from {{ outcomes }} where input_pk is not null
+    select distinct input_pk from (
+        select input_pk from {{ inputs }}
+        union all
+        select input_pk from {{ rejected }}
+        union all
+        select input_pk from {{ outcomes }} where input_pk is not null
+    ) as all_seen
 ),
 
 counted as (

@@ -19,12 +19,15 @@ outcomes as (
 ),
 
 -- every input row the connector has seen: read, rejected, or with an outcome
+-- (union all + distinct: BigQuery has no bare union)
 input_rows as (
-    select input_pk from inputs
-    union
-    select input_pk from rejected
-    union
-    select input_pk from outcomes
+    select distinct input_pk from (
+        select input_pk from inputs
+        union all
+        select input_pk from rejected
+        union all
+        select input_pk from outcomes
+    ) as seen
 ),
 
 -- a row's outcomes for the key it carries now (a changed row's old key no longer
