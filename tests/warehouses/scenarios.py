@@ -59,32 +59,38 @@ def assert_no_duplicate_keys(env: Env, table: str = COMPANY.enrichment) -> None:
 
 
 def assert_dbt_style_join(env: Env, expected_keys: dict[str, str]) -> None:
-    """The README's dbt join (input -> outcomes -> enrichment) in the warehouse's own SQL.
+    """The README's current-status join (input -> latest outcome -> enrichment), as written.
 
     Args:
         env: Input and results in one warehouse.
         expected_keys: Input primary key -> the normalized key it must join to.
     """
     text = env.input_wh.types["text"]
+    outcomes, inputs = env.out(COMPANY.outcomes), env.out(COMPANY.inputs)
     rows = env.query(
-        f"SELECT c.id, e.key, e.name, e.industry "
+        f"WITH latest AS ("
+        f" SELECT o.*, row_number() OVER ("
+        f"  PARTITION BY o.input_pk ORDER BY o.submitted_at DESC, o.attempt DESC) AS position"
+        f" FROM {outcomes} o LEFT JOIN {inputs} i ON i.input_pk = o.input_pk"
+        f" WHERE i.input_pk IS NULL OR i.key = o.key) "
+        f"SELECT c.id, CASE WHEN r.input_pk IS NOT NULL THEN 'rejected'"
+        f" ELSE coalesce(l.status, 'pending') END AS status, r.reason, e.key, e.name "
         f"FROM {env.input_table()} c "
-        f"JOIN {env.out(COMPANY.outcomes)} o "
-        f"ON o.input_pk = CAST(c.id AS {text}) AND o.status = 'matched' "
-        f"JOIN {env.out(COMPANY.enrichment)} e ON e.key = o.key "
-        f"ORDER BY c.id"
+        f"LEFT JOIN {env.out(COMPANY.rejected)} r ON r.input_pk = CAST(c.id AS {text}) "
+        f"LEFT JOIN latest l ON l.input_pk = CAST(c.id AS {text}) AND l.position = 1"
+        f" AND r.input_pk IS NULL "
+        f"LEFT JOIN {env.out(COMPANY.enrichment)} e ON e.key = l.key AND l.status = 'matched'"
     )
-    matched_pks = {
-        str(pk)
-        for (pk,) in env.query(
-            f"SELECT input_pk FROM {env.out(COMPANY.outcomes)} WHERE status = 'matched'"
-        )
-    }
-    assert len(rows) == len(matched_pks) > 0
-    assert {str(r[0]) for r in rows} == matched_pks
-    for pk, key, name, _industry in rows:
-        assert key == expected_keys[str(pk)], (pk, key)
-        assert name
+    input_ids = [str(pk) for (pk,) in env.query(f"SELECT id FROM {env.input_table()}")]
+    assert sorted(str(r[0]) for r in rows) == sorted(input_ids)  # every input row once
+    statuses = {str(pk): status for pk, status, *_ in rows}
+    assert "matched" in statuses.values()
+    for pk, status, reason, key, name in rows:
+        if status == "matched":
+            assert key == expected_keys[str(pk)] and name, (pk, key, name)
+        else:
+            assert key is None and name is None, (pk, status, key)
+        assert (status == "rejected") == (reason is not None), (pk, status, reason)
 
 
 def snapshot(env: Env) -> dict[str, list[tuple[Any, ...]]]:
