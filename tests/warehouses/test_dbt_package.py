@@ -160,9 +160,7 @@ def test_builds_and_tests_on_duckdb_after_a_real_load(
     env = make_env("duckdb", "duckdb", **FAULTS)
     expected = load(env)
     check_descriptions(env)
-    settings = build(
-        project, env, "duckdb", {"APIONE_DBT_DUCKDB_PATH": env.output_wh.credentials}
-    )
+    settings = build(project, env, "duckdb", {"APIONE_DBT_DUCKDB_PATH": env.output_wh.credentials})
     check_marts(env, expected)
     check_documented(project, settings)
 
@@ -178,9 +176,7 @@ def check_documented(project: Path, settings: dict[str, str]) -> None:
             node = manifest[kind][unique_id]
             if node["package_name"] != "apione_dlt":
                 continue
-            described = {
-                name.lower(): col["description"] for name, col in node["columns"].items()
-            }
+            described = {name.lower(): col["description"] for name, col in node["columns"].items()}
             for column in entry["columns"]:
                 assert described.get(column.lower()), f"{unique_id}.{column} is not described"
                 checked += 1
