@@ -11,6 +11,7 @@ the dbt package's sources, docs blocks, column lists and staging models follow t
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -44,7 +45,6 @@ _TESTS: dict[str, dict[str, list[object]]] = {
         "outcome_id": ["unique", "not_null"],
         "key": ["not_null"],
         "status": ["not_null", {"accepted_values": {"arguments": {"values": _STATUSES}}}],
-        "submitted_at": ["not_null"],
     },
     "rejected": {"input_pk": ["unique", "not_null"], "reason": ["not_null"]},
     "inputs": {"input_pk": ["unique", "not_null"], "key": ["not_null"]},
@@ -60,6 +60,9 @@ _TESTS: dict[str, dict[str, list[object]]] = {
 _WHERE = {
     "rejected": "coalesce(fixed, false) = false",
 }
+# Outcomes written before submitted_at existed order by when they finished, as the
+# connector's own history does.
+_EXPRESSIONS = {("outcomes", "submitted_at"): "coalesce(submitted_at, finished_at) as submitted_at"}
 
 
 def _tables() -> dict[str, tuple[str, str, dict[str, str]]]:
@@ -161,7 +164,7 @@ def _staging_sql(folder: str, logical: str, kind: str, columns: dict[str, str]) 
         lines.append(f"{{{{ config(enabled=apione_dlt.enabled('{folder}')) }}}}")
     lines += [
         "select",
-        ",\n".join(f"    {c}" for c in [*cols, "_dlt_load_id"]),
+        ",\n".join(f"    {_EXPRESSIONS.get((kind, c), c)}" for c in [*cols, "_dlt_load_id"]),
         f"from {{{{ source('apione', '{logical}') }}}}",
     ]
     if kind == "enrichment":
@@ -171,8 +174,13 @@ def _staging_sql(folder: str, logical: str, kind: str, columns: dict[str, str]) 
     return "\n".join(lines) + "\n"
 
 
-def _staging_yml(logical: str, kind: str, columns: dict[str, str]) -> dict[str, object]:
-    tests = _TESTS.get(kind, {})
+def _staging_yml(
+    folder: str, logical: str, kind: str, columns: dict[str, str]
+) -> dict[str, object]:
+    tests = copy.deepcopy(_TESTS.get(kind, {}))
+    if kind == "list":  # every element belongs to an enrichment of its key
+        to = {"to": f"ref('stg_apione__{folder}')", "field": "key"}
+        tests["key"] = [*tests["key"], {"relationships": {"arguments": to}}]
     cols = []
     for entry in _column_docs(logical, kind, columns):
         if entry["name"] == "fixed":
@@ -276,14 +284,7 @@ def _marts_yml(folder: str, tables: dict[str, tuple[str, str, dict[str, str]]]) 
     for logical, (owner, kind, columns) in tables.items():
         if owner != folder or kind != "list":
             continue
-        tests: dict[str, list[object]] = {
-            "key": [
-                "not_null",
-                {"relationships": {"arguments": {"to": f"ref('{stg}')", "field": "key"}}},
-            ],
-            "job_id": ["not_null"],
-            "idx": ["not_null"],
-        }
+        tests: dict[str, list[object]] = {"key": ["not_null"], "idx": ["not_null"]}
         cols: list[dict[str, object]] = []
         for entry in _column_docs(logical, kind, columns):
             if tests.get(str(entry["name"])):
@@ -319,7 +320,7 @@ def generated() -> dict[Path, str]:
     for logical, (folder, kind, columns) in tables.items():
         path = PACKAGE / "models" / "staging" / folder / f"stg_apione__{logical}.sql"
         files[path] = _staging_sql(folder, logical, kind, columns)
-        by_folder.setdefault(folder, []).append(_staging_yml(logical, kind, columns))
+        by_folder.setdefault(folder, []).append(_staging_yml(folder, logical, kind, columns))
     for folder in ENRICHMENT_TABLES.values():
         path = PACKAGE / "models" / "marts" / folder / f"_apione__{folder}.yml"
         files[path] = _marts_yml(folder, tables)
@@ -335,8 +336,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args()
-    stale = []
-    for path, content in generated().items():
+    files = generated()
+    stale = [  # generated before, no longer: a table that went away
+        path
+        for folder in ("models", "macros")
+        for path in (PACKAGE / folder).rglob("*")
+        if path.is_file() and path not in files and HEADER in path.read_text(errors="replace")
+    ]
+    for path in stale:
+        if not args.check:
+            path.unlink()
+    for path, content in files.items():
         if not path.exists() or path.read_text() != content:
             stale.append(path)
             if not args.check:

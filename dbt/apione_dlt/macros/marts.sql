@@ -101,6 +101,18 @@ inner join {{ ref('stg_apione__' ~ enrichment) }} as enrichment
 {% endmacro %}
 
 
+{% macro utc_date(column) %}
+{#- The UTC calendar day of a timestamp, whatever the session's time zone. -#}
+{{ return(adapter.dispatch('utc_date', 'apione_dlt')(column)) }}
+{% endmacro %}
+
+{% macro default__utc_date(column) %}cast({{ column }} as date){% endmacro %}
+{% macro duckdb__utc_date(column) %}cast(timezone('UTC', {{ column }}) as date){% endmacro %}
+{% macro postgres__utc_date(column) %}cast(({{ column }} at time zone 'UTC') as date){% endmacro %}
+{% macro snowflake__utc_date(column) %}to_date(convert_timezone('UTC', {{ column }})){% endmacro %}
+{% macro bigquery__utc_date(column) %}date({{ column }}){% endmacro %}
+
+
 {% macro enrichment_type(enrichment) %}
 {#- The table name's type (companies) -> ApiOne's type (company), as in the job ledger. -#}
 {{ return({'companies': 'company', 'people': 'people', 'email_checks': 'email'}[enrichment]) }}

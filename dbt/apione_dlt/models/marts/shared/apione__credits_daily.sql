@@ -1,12 +1,13 @@
 -- Records billed per day, enrichment type and reason. ApiOne bills every record of a job
 -- it creates; a record is a key in a job (input rows sharing a key share it), and a row
 -- that reused a fresh result (attempt 0) was not sent.
-{%- set types = var('apione_enrichment_types') %}
+{%- set types = var('apione_enrichment_types', ['companies', 'people', 'email_checks']) %}
+{{ config(enabled=(types | length > 0)) }}
 with sent as (
     {%- for enrichment in types %}
     select
         '{{ apione_dlt.enrichment_type(enrichment) }}' as enrichment_type,
-        job_id, key, attempt, status, submitted_at
+        job_id, key, attempt, status, submitted_at, finished_at
     from {{ ref('stg_apione__' ~ enrichment ~ '_outcomes') }}
     where attempt > 0
     {%- if not loop.last %}
@@ -15,12 +16,19 @@ with sent as (
     {%- endfor %}
 ),
 
+-- one row per record; a job written again after a crash may differ in status: the
+-- last written is the job's
 records as (
-    select
-        enrichment_type, job_id, key,
-        max(attempt) as attempt, max(status) as status, min(submitted_at) as submitted_at
-    from sent
-    group by enrichment_type, job_id, key
+    select enrichment_type, job_id, key, attempt, status, submitted_at
+    from (
+        select
+            sent.*,
+            row_number() over (
+                partition by enrichment_type, job_id, key order by finished_at desc
+            ) as nth_latest
+        from sent
+    ) as written
+    where nth_latest = 1
 ),
 
 sequenced as (
@@ -41,6 +49,8 @@ reasons as (
         job_id,
         submitted_at,
         case
+            -- a submit whose answer never came: billed only if ApiOne created the job
+            when status = 'lost' then 'lost_submit'
             when attempt > 1 and previous_status in ('expired', 'vanished')
                 then 'resubmitted_after_expiry'
             when attempt > 1 and previous_status = 'lost' then 'resubmitted_after_lost_answer'
@@ -63,7 +73,7 @@ reasons as (
 )
 
 select
-    cast({{ dbt.date_trunc('day', 'submitted_at') }} as date) as billed_on,
+    {{ apione_dlt.utc_date('submitted_at') }} as billed_on,
     enrichment_type,
     reason,
     count(distinct job_id) as jobs,

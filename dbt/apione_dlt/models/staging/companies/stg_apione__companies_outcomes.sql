@@ -10,7 +10,7 @@ select
     error,
     input,
     finished_at,
-    submitted_at,
+    coalesce(submitted_at, finished_at) as submitted_at,
     load_id,
     _dlt_load_id
 from {{ source('apione', 'companies_outcomes') }}
