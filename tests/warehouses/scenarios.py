@@ -70,7 +70,8 @@ def assert_dbt_style_join(env: Env, expected_keys: dict[str, str]) -> None:
     rows = env.query(
         f"WITH latest AS ("
         f" SELECT o.*, row_number() OVER ("
-        f"  PARTITION BY o.input_pk ORDER BY o.submitted_at DESC, o.attempt DESC) AS position"
+        f"  PARTITION BY o.input_pk"
+        f"  ORDER BY coalesce(o.submitted_at, o.finished_at) DESC, o.attempt DESC) AS position"
         f" FROM {outcomes} o LEFT JOIN {inputs} i ON i.input_pk = o.input_pk"
         f" WHERE i.input_pk IS NULL OR i.key = o.key) "
         f"SELECT c.id, CASE WHEN r.input_pk IS NOT NULL THEN 'rejected'"
