@@ -25,7 +25,9 @@
         ├── ApiUnreachableError   no answer from the host for too long: check base_url
         ├── RequestRefusedError   ApiOne refuses the request itself (400, 404 on the
         │                         route): check base_url, upgrade apione-dlt
-        └── JournalCorruptError   a job journal row cannot be read: repair it
+        ├── JournalCorruptError   a job journal row cannot be read: repair it
+        └── CreditLimitError      the run would bill more than max_credits_per_run:
+                                  raise the limit, or cap the run (max_records_per_run)
 
 No error message or repr ever contains the API key.
 """
@@ -205,3 +207,23 @@ class WebhookSignatureError(ApiOneError):
 
 class JournalCorruptError(StopRunError):
     """A row of the job journal cannot be read; the message says how to get out."""
+
+
+class CreditLimitError(StopRunError):
+    """The run would bill more than ``max_credits_per_run``; nothing was sent.
+
+    Attributes:
+        plan: The dry run's :class:`apione_source.plan.Plan` that said so.
+    """
+
+    def __init__(self, message: str, plan: Any) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
+def connector_cause(exc: BaseException) -> ApiOneError | None:
+    """The connector's own error behind ``exc`` (e.g. dlt's ``PipelineStepFailed``), if any."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ApiOneError):
+        cause = cause.__cause__ or cause.__context__
+    return cause

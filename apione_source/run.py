@@ -120,6 +120,8 @@ class RunSettings:
         scheduler: Limits and timing of jobs.
         ttls: How long final outcomes stay fresh.
         max_records_per_run: Cap on records submitted in one run (None: no cap).
+        max_credits_per_run: The credit guardrail, also a cap on what the run submits
+            (None: none).
         max_attempts: Attempts per record before it is recorded as ``error``.
         retention_seconds: How long ApiOne keeps results (warns about old carried jobs).
         scd2: The enrichment table keeps history (rows carry a version hash).
@@ -131,6 +133,7 @@ class RunSettings:
     scheduler: SchedulerSettings
     ttls: Ttls
     max_records_per_run: int | None
+    max_credits_per_run: int | None
     max_attempts: int
     retention_seconds: float
     scd2: bool = False
@@ -345,8 +348,13 @@ class EnrichmentRun:
         self.stats.records_submitted = c.submitted_records
         self.stats.deferred = c.deferred
 
+    def _cap(self) -> int | None:
+        """Records this run may submit at most (None: no limit)."""
+        caps = [c for c in (self.s.max_records_per_run, self.s.max_credits_per_run) if c]
+        return min(caps, default=None)
+
     def _cap_left(self) -> int:
-        cap = self.s.max_records_per_run
+        cap = self._cap()
         if cap is None:
             return 1 << 62
         return max(0, cap - self.sched.counters.submitted_records)
@@ -828,7 +836,7 @@ class EnrichmentRun:
                     )
                 )
             return "fresh"
-        cap = self.s.max_records_per_run
+        cap = self._cap()
         if (
             cap is not None
             and self.sched.counters.submitted_records + len(self.pending.items) >= cap

@@ -20,9 +20,10 @@ from dlt.extract.resource import DltResource
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.client import AsyncApiOneClient
-from apione_source.errors import ApiOneError, ConfigurationError
+from apione_source.errors import ConfigurationError, CreditLimitError, connector_cause
 from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
+from apione_source.plan import DryRun, plan_run
 from apione_source.reader import InputReader, InputSpec, check_identifier
 from apione_source.run import EnrichmentRun, RunSettings
 from apione_source.scheduler import SchedulerSettings
@@ -108,6 +109,7 @@ def apione(
     ttl_not_found_days: float = 14.0,
     ttl_error_days: float = 1.0,
     max_records_per_run: int | None = None,
+    max_credits_per_run: int | None = None,
     wait_budget_seconds: float = 900.0,
     job_timeout_seconds: float = 6 * 3600.0,
     unreachable_seconds: float = 60.0,
@@ -142,6 +144,10 @@ def apione(
         ttl_error_days: Days an ``error`` result (a per-record failure, or a record given
             up on after ``max_attempts``) stays fresh.
         max_records_per_run: Cap on records submitted per run (None: no cap).
+        max_credits_per_run: A guardrail: ``run_enrichment`` first plans the run (a dry
+            run, :func:`apione_source.plan.plan_run`) and fails with ``CreditLimitError``
+            before sending anything if it would bill more; the run itself never submits
+            beyond it either (None: no guardrail).
         wait_budget_seconds: How long a run waits for jobs; the rest carry over.
         job_timeout_seconds: A job running longer is given up and its records resubmitted.
         unreachable_seconds: The run fails once ApiOne's host has given no answer at all
@@ -181,6 +187,7 @@ def apione(
         chunk_size=(chunk_size, 1, None),
         records_per_load=(records_per_load, 1, None),
         max_records_per_run=(max_records_per_run, 1, None),
+        max_credits_per_run=(max_credits_per_run, 1, None),
         wait_budget_seconds=(wait_budget_seconds, 0, None),
         job_timeout_seconds=(job_timeout_seconds, 1, None),
         ttl_matched_days=(ttl_matched_days, 0, None),
@@ -223,17 +230,20 @@ def apione(
             error=timedelta(days=ttl_error_days),
         ),
         max_records_per_run=max_records_per_run,
+        # also a hard cap: input that grew after the plan is not sent
+        max_credits_per_run=max_credits_per_run,
         max_attempts=max_attempts,
         retention_seconds=retention,
         scd2=scd2,
     )
 
-    handle = RunHandle(records_per_load)
+    handle = RunHandle(records_per_load, max_credits_per_run)
 
     def enrichment() -> Any:
         if handle.run is None or handle.run.finished:
             client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
-            handle.run = EnrichmentRun(settings, client, reader)
+            kind = DryRun if handle.dry_run else EnrichmentRun
+            handle.run = kind(settings, client, reader)
         handle.run.records_per_load = handle.records_per_load if handle.sliced else None
         yield from handle.run
 
@@ -279,6 +289,7 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         with signals.intercepted_signals():
             if pipeline.has_pending_data:
                 pipeline.run()
+            _check_credits(pipeline, source, handles)
             info = pipeline.run(source, **run_kwargs)
             # the same run goes on, one load package per records_per_load results
             while any(h.run is not None and not h.run.finished for h in handles):
@@ -286,15 +297,28 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
                 info = pipeline.run(source, **run_kwargs)
             return info
     except PipelineStepFailed as failed:
-        cause: BaseException | None = failed
-        while cause is not None and not isinstance(cause, ApiOneError):
-            cause = cause.__cause__ or cause.__context__
+        cause = connector_cause(failed)
         if cause is None:
             raise
         raise cause from None
     finally:
         for handle in handles:
             handle.close()
+
+
+def _check_credits(pipeline: dlt.Pipeline, source: Any, handles: list[RunHandle]) -> None:
+    """Plan the run when it has a credit limit; fail before sending anything beyond it."""
+    limits = [h.max_credits for h in handles if h.max_credits is not None]
+    if not limits:
+        return
+    plan = plan_run(pipeline, source)
+    if plan.credits > limits[0]:
+        raise CreditLimitError(
+            f"this run would bill {plan.credits} credits, more than max_credits_per_run "
+            f"({limits[0]}); nothing was sent. Raise the limit, or cap each run with "
+            f"max_records_per_run. The plan:\n{plan.text()}",
+            plan,
+        )
 
 
 class RunHandle:
@@ -304,10 +328,12 @@ class RunHandle:
     ``records_per_load`` results and goes on at the next ``pipeline.run``.
     """
 
-    def __init__(self, records_per_load: int) -> None:
+    def __init__(self, records_per_load: int, max_credits: int | None = None) -> None:
         """No run yet; the first extract starts it."""
         self.records_per_load = records_per_load
+        self.max_credits = max_credits
         self.sliced = False
+        self.dry_run = False  # plan_run: count what would be sent, send nothing
         self.run: EnrichmentRun | None = None
 
     def close(self) -> None:

@@ -1,0 +1,99 @@
+"""``apione-dlt``: the connector's command line, configured exactly like the pipeline.
+
+Every setting comes from dlt's config (``.dlt/config.toml``, ``.dlt/secrets.toml``, env
+vars ``SOURCES__APIONE__*``, ``DESTINATION__*``); the pipeline is named and placed as
+``pipelines/enrich.py`` does it (``PIPELINE_NAME``, ``DESTINATION``, ``DATASET``).
+
+    apione-dlt plan             what the next run would read, reject, send and bill
+    apione-dlt plan --json      the same, as JSON
+    apione-dlt sandbox --help   the local ApiOne stand-in (same as apione-sandbox)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pipeline-name",
+        default=os.environ.get("PIPELINE_NAME", "apione_enrichment"),
+        help="dlt pipeline name (env PIPELINE_NAME; default apione_enrichment)",
+    )
+    parser.add_argument(
+        "--destination",
+        default=os.environ.get("DESTINATION", "duckdb"),
+        help="dlt destination (env DESTINATION; default duckdb)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=os.environ.get("DATASET", "enriched"),
+        help="dataset the results load into (env DATASET; default enriched)",
+    )
+    parser.add_argument("--pipelines-dir", help="dlt pipelines dir (default: dlt's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``apione-dlt`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="apione-dlt",
+        description="apione-dlt: the connector's command line, configured like the pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    plan = commands.add_parser(
+        "plan",
+        help="dry run: what the next run would send and bill (sends nothing)",
+        description=(
+            "Read the input exactly as a run would and print rows read, rejected by reason, "
+            "already fresh, to send, jobs, credits and the shortest wall time under the "
+            "plan's limits. Calls no ApiOne endpoint, loads nothing, changes no state."
+        ),
+    )
+    _add_pipeline_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    commands.add_parser(
+        "sandbox", add_help=False, help="run the local ApiOne stand-in (apione-sandbox)"
+    )
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dlt
+
+    from apione_source.errors import ApiOneError
+    from apione_source.plan import plan_run
+    from apione_source.source import apione
+
+    pipeline = dlt.pipeline(
+        pipeline_name=args.pipeline_name,
+        destination=args.destination,
+        dataset_name=args.dataset,
+        pipelines_dir=args.pipelines_dir,
+    )
+    try:
+        plan = plan_run(pipeline, apione())
+    except ApiOneError as exc:
+        print(f"apione-dlt plan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.summary(), indent=2) if args.json else plan.text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``apione-dlt`` command; its exit status (2: a configuration problem)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        from apione_source.sandbox.__main__ import main as sandbox_main
+
+        return sandbox_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return _plan(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
