@@ -6,6 +6,8 @@ vars ``SOURCES__APIONE__*``, ``DESTINATION__*``); the pipeline is named and plac
 
     apione-dlt plan             what the next run would read, reject, send and bill
     apione-dlt plan --json      the same, as JSON
+    apione-dlt status           jobs in flight (and when their results expire), last runs,
+                                records billed per day
     apione-dlt sandbox --help   the local ApiOne stand-in (same as apione-sandbox)
 """
 
@@ -56,18 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pipeline_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    status = commands.add_parser(
+        "status",
+        help="jobs in flight, when their results expire, last runs, records billed per day",
+        description=(
+            "Read the job journal, run summaries and job ledger in the destination and ask "
+            "ApiOne how each job in flight is doing (when reachable). Writes nothing."
+        ),
+    )
+    _add_pipeline_args(status)
+    status.add_argument("--offline", action="store_true", help="do not ask ApiOne")
     commands.add_parser(
         "sandbox", add_help=False, help="run the local ApiOne stand-in (apione-sandbox)"
     )
     return parser
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     import dlt
 
     from apione_source.errors import ApiOneError
     from apione_source.plan import plan_run
     from apione_source.source import apione
+    from apione_source.status import pipeline_status
 
     pipeline = dlt.pipeline(
         pipeline_name=args.pipeline_name,
@@ -76,11 +89,17 @@ def _plan(args: argparse.Namespace) -> int:
         pipelines_dir=args.pipelines_dir,
     )
     try:
-        plan = plan_run(pipeline, apione())
+        source = apione()
+        if args.command == "plan":
+            plan = plan_run(pipeline, source)
+            print(json.dumps(plan.summary(), indent=2) if args.json else plan.text())
+        else:
+            (handle,) = [getattr(r, "apione_run") for r in source.resources.values()]  # noqa: B009
+            connect = None if args.offline else handle.connect
+            print(pipeline_status(pipeline, handle.settings, connect).text())
     except ApiOneError as exc:
-        print(f"apione-dlt plan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"apione-dlt {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.summary(), indent=2) if args.json else plan.text())
     return 0
 
 
@@ -91,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from apione_source.sandbox.__main__ import main as sandbox_main
 
         return sandbox_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return _plan(args)
+    return _run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -283,6 +283,23 @@ def _settle(entry: Entry, done_loads: set[str]) -> bool:
     return entry.done and not entry.unreported
 
 
+def open_entries(
+    rows: Iterable[dict[str, Any]], completed: Callable[[set[str]], set[str]]
+) -> list[Entry]:
+    """The entries of journal ``rows`` a run would still act on; writes nothing.
+
+    The read-only twin of :meth:`Journal.open` (``apione-dlt status``).
+    """
+    entries = fold(rows)
+    loads: set[str] = set()
+    for e in entries.values():
+        loads |= e.collected_in
+        for s in e.spent:
+            loads |= s.loads
+    done = completed(loads) if loads else set()
+    return [e for e in entries.values() if not _settle(e, done)]
+
+
 def _read_items(entry: Entry) -> None:
     try:
         entry.items  # noqa: B018 (parses them)

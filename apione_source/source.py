@@ -7,7 +7,7 @@ Every argument of :func:`apione` resolves the dlt way, from ``.dlt/config.toml``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +19,7 @@ from dlt.common.typing import TSecretValue
 from dlt.extract.resource import DltResource
 from dlt.pipeline.exceptions import PipelineStepFailed
 
-from apione_source.client import AsyncApiOneClient
+from apione_source.client import ApiOneClient, AsyncApiOneClient
 from apione_source.errors import ConfigurationError, CreditLimitError, connector_cause
 from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
@@ -238,6 +238,8 @@ def apione(
     )
 
     handle = RunHandle(records_per_load, max_credits_per_run)
+    handle.settings = settings  # for apione-dlt status
+    handle.connect = lambda: ApiOneClient(secret, base_url)
 
     def enrichment() -> Any:
         if handle.run is None or handle.run.finished:
@@ -334,6 +336,8 @@ class RunHandle:
         self.max_credits = max_credits
         self.sliced = False
         self.dry_run = False  # plan_run: count what would be sent, send nothing
+        self.settings: RunSettings | None = None
+        self.connect: Callable[[], ApiOneClient] | None = None
         self.run: EnrichmentRun | None = None
 
     def close(self) -> None:
