@@ -8,6 +8,7 @@ vars ``SOURCES__APIONE__*``, ``DESTINATION__*``); the pipeline is named and plac
     apione-dlt plan --json      the same, as JSON
     apione-dlt status           jobs in flight (and when their results expire), last runs,
                                 records billed per day
+    apione-dlt webhooks serve   receive ApiOne's signed deliveries (pip extra `webhooks`)
     apione-dlt sandbox --help   the local ApiOne stand-in (same as apione-sandbox)
 """
 
@@ -68,10 +69,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pipeline_args(status)
     status.add_argument("--offline", action="store_true", help="do not ask ApiOne")
+    webhooks = commands.add_parser("webhooks", help="the webhook receiver")
+    serve = webhooks.add_subparsers(dest="action", required=True, metavar="action").add_parser(
+        "serve",
+        help="receive ApiOne's signed deliveries and keep them for the next run",
+        description=(
+            "Serve POST /webhooks/apione and GET /health. The secret is "
+            "sources.apione.webhook_secret (env SOURCES__APIONE__WEBHOOK_SECRET), the store "
+            "sources.apione.webhook_store (a path or fsspec URL the runs read too)."
+        ),
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--store", help="overrides sources.apione.webhook_store")
     commands.add_parser(
         "sandbox", add_help=False, help="run the local ApiOne stand-in (apione-sandbox)"
     )
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import dlt
+    import uvicorn
+
+    from apione_source.deliveries import DeliveryStore
+    from apione_source.receiver import create_app
+    from apione_source.secret import Secret
+
+    secret: str | None = dlt.secrets.get("sources.apione.webhook_secret")
+    store = args.store or dlt.config.get("sources.apione.webhook_store")
+    if not secret or not store:
+        print(
+            "apione-dlt webhooks serve: set sources.apione.webhook_secret and "
+            "sources.apione.webhook_store (env SOURCES__APIONE__WEBHOOK_SECRET, "
+            "SOURCES__APIONE__WEBHOOK_STORE) or --store",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(DeliveryStore(str(store)), Secret(str(secret)))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -110,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from apione_source.sandbox.__main__ import main as sandbox_main
 
         return sandbox_main(argv[1:])
-    return _run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return _serve(args) if args.command == "webhooks" else _run(args)
 
 
 if __name__ == "__main__":

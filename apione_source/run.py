@@ -48,6 +48,7 @@ from dlt.common.schema.utils import has_table_seen_data
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
+from apione_source.deliveries import DeliveryInbox
 from apione_source.errors import ConcurrentRunError
 from apione_source.history import (
     KeyState,
@@ -125,6 +126,8 @@ class RunSettings:
         max_attempts: Attempts per record before it is recorded as ``error``.
         retention_seconds: How long ApiOne keeps results (warns about old carried jobs).
         scd2: The enrichment table keeps history (rows carry a version hash).
+        inbox: With webhooks on, where the receiver keeps deliveries: jobs delivered
+            are collected from them without polling.
     """
 
     enrichment_type: EnrichmentType
@@ -137,6 +140,7 @@ class RunSettings:
     max_attempts: int
     retention_seconds: float
     scd2: bool = False
+    inbox: DeliveryInbox | None = None
 
 
 def _bump(counts: dict[str, int], reason: str, n: int = 1) -> None:
@@ -437,6 +441,7 @@ class EnrichmentRun:
             wall_clock=self.wall_clock,
             sleep=self.sleep,
             should_stop=signals.was_signal_received,
+            delivered=self.s.inbox.event if self.s.inbox else None,
         )
         stack.callback(lambda: self._await(self.client.aclose()))
         stack.callback(lambda: self._await(self.sched.close()))

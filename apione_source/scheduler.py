@@ -48,7 +48,7 @@ from apione_source.journal import (
     Entry,
     Journal,
 )
-from apione_source.models import Job, JobResults, JobStatus
+from apione_source.models import Job, JobResults, JobStatus, WebhookEvent
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ class SchedulerSettings:
             at again no sooner than this (doubling per such answer, up to 6 hours).
         unreachable_seconds: The run fails once ApiOne's host has given no answer at all
             (after the client's own retries) for this long.
+        webhook_grace_seconds: With webhooks on, how long after a job should have ended
+            the run waits for its delivery before it asks ApiOne itself (once).
     """
 
     records_per_job: int
@@ -107,6 +109,10 @@ class SchedulerSettings:
     vanish_grace_seconds: float = 300.0
     defer_base_seconds: float = 60.0
     unreachable_seconds: float = 60.0
+    webhook_grace_seconds: float = 5.0
+
+
+_INBOX_CHECK_SECONDS = 0.2  # how often a job's deliveries are looked for during the grace
 
 
 @dataclass
@@ -155,6 +161,8 @@ class JobScheduler:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
     should_stop: Callable[[], bool] = lambda: False
+    # With webhooks on: a job's delivered, trusted event, if one came (blocking; file I/O).
+    delivered: Callable[[str], WebhookEvent | None] | None = None
 
     def __post_init__(self) -> None:
         self.deadline = self.clock() + self.settings.wait_budget_seconds
@@ -370,6 +378,7 @@ class JobScheduler:
 
     async def _poll(self, entry: Entry, pacer: _Pacer) -> None:
         delay, not_found = pacer.first_wait(self.clock()), 0
+        grace_until: float | None = None  # webhooks: when to stop waiting for a delivery
         try:
             while True:
                 if self.remaining <= 0 or self.stop_error is not None:
@@ -378,6 +387,18 @@ class JobScheduler:
                     await self._nap(delay)
                     if self.remaining <= 0:
                         return
+                if self.delivered is not None:
+                    # A delivery makes status and results calls unneeded; none yet: wait
+                    # a little for it (once) before asking ApiOne.
+                    by_webhook = await self._delivered(entry)
+                    if isinstance(by_webhook, Finished):
+                        await self.finished.put(by_webhook)
+                        return
+                    if grace_until is None:
+                        grace_until = self.clock() + self.settings.webhook_grace_seconds
+                    if by_webhook == "no room" or self.clock() < grace_until:
+                        delay = _INBOX_CHECK_SECONDS
+                        continue
                 asked = self.clock()
                 try:
                     seen = await self._look(entry, not_found)
@@ -415,6 +436,20 @@ class JobScheduler:
         finally:
             self._polling -= 1
             await self._free_slot_of(entry)
+
+    async def _delivered(self, entry: Entry) -> Finished | str | None:
+        """How the job ended, from its delivery; None: no delivery to trust yet."""
+        assert self.delivered is not None
+        event = await asyncio.to_thread(self.delivered, str(entry.job_id))
+        if event is None:
+            return None
+        if event.event == "job.failed":
+            reason = event.error.message if event.error else "failed"
+            return Finished(entry, FAILED, status=event, error=reason)
+        await self._free_slot_of(entry)
+        if not await self._room_for_results():
+            return "no room"  # the run is ending: the job is carried over
+        return Finished(entry, COMPLETED, results=event, status=event)
 
     async def _free_slot_of(self, entry: Entry) -> None:
         """Give back the slot of ``entry``'s job, once."""

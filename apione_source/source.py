@@ -20,6 +20,7 @@ from dlt.extract.resource import DltResource
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.client import ApiOneClient, AsyncApiOneClient
+from apione_source.deliveries import DeliveryInbox, DeliveryStore
 from apione_source.errors import ConfigurationError, CreditLimitError, connector_cause
 from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
@@ -77,6 +78,23 @@ def _input_columns(etype: EnrichmentType, configured: dict[str, str] | None) -> 
     return columns
 
 
+def _inbox(url: str | None, secret: Any, store: str | None) -> DeliveryInbox | None:
+    """The deliveries a run collects from, when webhooks are configured."""
+    if store is None:
+        return None
+    if not secret or not str(secret).strip():
+        raise ConfigurationError(
+            "sources.apione.webhook_store is set without webhook_secret: deliveries cannot "
+            "be trusted unchecked (set SOURCES__APIONE__WEBHOOK_SECRET)"
+        )
+    if not url:
+        raise ConfigurationError(
+            "sources.apione.webhook_store is set without webhook_url: ApiOne would deliver "
+            "nothing there"
+        )
+    return DeliveryInbox(DeliveryStore(store), Secret(str(secret)))
+
+
 def _check_ranges(**values: tuple[float | None, float, float | None]) -> None:
     """Raise a ConfigurationError naming the first setting outside its range."""
     for name, (value, low, high) in values.items():
@@ -115,6 +133,8 @@ def apione(
     unreachable_seconds: float = 60.0,
     max_attempts: int = 3,
     webhook_url: str | None = None,
+    webhook_secret: TSecretValue | None = None,
+    webhook_store: str | None = None,
     table_prefix: str = "apione_",
     scd2: bool = False,
     chunk_size: int = 10_000,
@@ -153,7 +173,12 @@ def apione(
         unreachable_seconds: The run fails once ApiOne's host has given no answer at all
             for this long (after each call's own retries).
         max_attempts: Attempts per record (failed / expired jobs) before an ``error``.
-        webhook_url: Passed to ApiOne with every job (polling is still what collects).
+        webhook_url: Passed to ApiOne with every job: where ApiOne delivers a finished
+            job (``apione-dlt webhooks serve`` receives it).
+        webhook_secret: The account's webhook secret (a secret), with ``webhook_store``.
+        webhook_store: The folder (path or fsspec URL) where the receiver keeps
+            deliveries: jobs delivered there are collected without polling; late or
+            missing deliveries fall back to polling. Needs ``webhook_secret``.
         table_prefix: Prefix of every table name.
         scd2: Keep the enrichment table's history with dlt's scd2 merge strategy.
         chunk_size: Input rows read per query round trip.
@@ -211,6 +236,7 @@ def apione(
         ),
         chunk_size=chunk_size,
     )
+    inbox = _inbox(webhook_url, webhook_secret, webhook_store)
     resource_name = f"{etype.value}_enrichment"
     settings = RunSettings(
         enrichment_type=etype,
@@ -235,6 +261,7 @@ def apione(
         max_attempts=max_attempts,
         retention_seconds=retention,
         scd2=scd2,
+        inbox=inbox,
     )
 
     handle = RunHandle(records_per_load, max_credits_per_run)
