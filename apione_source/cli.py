@@ -9,6 +9,7 @@ vars ``SOURCES__APIONE__*``, ``DESTINATION__*``); the pipeline is named and plac
     apione-dlt status           jobs in flight (and when their results expire), last runs,
                                 records billed per day
     apione-dlt webhooks serve   receive ApiOne's signed deliveries (pip extra `webhooks`)
+    apione-dlt demo --help      the demo (as pipelines/demo.py, in the current directory)
     apione-dlt sandbox --help   the local ApiOne stand-in (same as apione-sandbox)
 """
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--store", help="overrides sources.apione.webhook_store")
     commands.add_parser(
+        "demo", add_help=False, help="the demo: sandbox -> DuckDB in ./demo_data (--help)"
+    )
+    commands.add_parser(
         "sandbox", add_help=False, help="run the local ApiOne stand-in (apione-sandbox)"
     )
     return parser
@@ -143,6 +147,10 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``apione-dlt`` command; its exit status (2: a configuration problem)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from apione_source.demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv[:1] == ["sandbox"]:
         from apione_source.sandbox.__main__ import main as sandbox_main
 
