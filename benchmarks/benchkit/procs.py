@@ -6,6 +6,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -254,6 +255,59 @@ class SandboxProcess:
         reply.raise_for_status()
         body: dict[str, Any] = reply.json()
         return body
+
+
+WEBHOOK_SECRET = "whsec_sandbox"  # what the sandbox signs with by default
+
+
+class ReceiverProcess:
+    """``apione-dlt webhooks serve`` as a separate process, storing into ``store``.
+
+    Use as a context manager; :attr:`url` is where ApiOne (the sandbox) delivers.
+    """
+
+    def __init__(self, store: Path, log: Path) -> None:
+        self.store, self.log = store, log
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ReceiverProcess:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SOURCES__APIONE__WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "RUNTIME__DLTHUB_TELEMETRY": "false",
+        }
+        cmd = [PYTHON, "-m", "apione_source.cli", "webhooks", "serve", "--port", str(port)]
+        cmd += ["--store", str(self.store)]
+        with self.log.open("wb") as out:
+            self._proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, cwd=self.log.parent)
+        root = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{root}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"the receiver did not start: {self.log.read_text()[-500:]}")
+            time.sleep(0.1)
+        self.url = f"{root}/webhooks/apione"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
 
 def sandbox_supports(flag: str) -> bool:

@@ -139,7 +139,12 @@ def connector_env(
 
 
 def run_connector(
-    workdir: Path, input_db: Path, sandbox: SandboxProcess, *, shared: bool
+    workdir: Path,
+    input_db: Path,
+    sandbox: SandboxProcess,
+    *,
+    shared: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> ConnectorRun:
     """Run the production script once against ``sandbox``; output in ``workdir``.
 
@@ -153,6 +158,7 @@ def run_connector(
         shared: Input and results in one warehouse: ``input_db`` is copied into
             ``warehouse.duckdb`` (untimed, first run only) and read from there. Else the
             input is read from ``input_db`` itself, a second warehouse.
+        extra_env: More settings (webhooks, say).
 
     Raises:
         HarnessError: The script failed.
@@ -166,6 +172,7 @@ def run_connector(
     env = connector_env(
         workdir, out_db if shared else input_db, out_db, sandbox.base_url, sandbox.spec.plan
     )
+    env.update(extra_env or {})
     log = workdir / f"connector-{len(list(workdir.glob('connector-*.log'))) + 1}.log"
     cmd = [PYTHON, str(CONNECTOR_RUNNER), str(timing_path)]
     proc, timing = _run_json_child("connector", cmd, env, workdir, log, timing_path)
