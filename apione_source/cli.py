@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 
@@ -38,7 +39,9 @@ def _add_pipeline_args(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("DATASET", "enriched"),
         help="dataset the results load into (env DATASET; default enriched)",
     )
-    parser.add_argument("--pipelines-dir", help="dlt pipelines dir (default: dlt's)")
+    parser.add_argument(
+        "--pipelines-dir", help="dlt pipelines dir to use (default: a temporary one)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +126,14 @@ def _run(args: argparse.Namespace) -> int:
     from apione_source.source import apione
     from apione_source.status import pipeline_status
 
+    # Not the real pipelines dir: creating the pipeline there would rewrite its local
+    # state. Both commands only read the destination.
+    workdir = tempfile.TemporaryDirectory(prefix="apione_cli_")
     pipeline = dlt.pipeline(
         pipeline_name=args.pipeline_name,
         destination=args.destination,
         dataset_name=args.dataset,
-        pipelines_dir=args.pipelines_dir,
+        pipelines_dir=args.pipelines_dir or workdir.name,
     )
     try:
         source = apione()
@@ -141,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     except ApiOneError as exc:
         print(f"apione-dlt {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        workdir.cleanup()
     return 0
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Generator, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import dlt
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.errors import connector_cause
+from apione_source.history import KeyState
 from apione_source.journal import IN_FLIGHT, SENDING, TO_SEND, BatchItem, Entry
 from apione_source.run import EnrichmentRun
 
@@ -40,6 +41,7 @@ class Plan:
     records_to_resend: int = 0  # records of lost submits and spent jobs, billed again
     jobs: int = 0
     capped: bool = False  # max_records_per_run stops the run before the input ends
+    first_run: bool = False  # nothing loaded yet in this dataset
     records_per_job: int = 0
     concurrent_jobs: int = 0
 
@@ -74,6 +76,11 @@ class Plan:
         ]
         if self.capped:
             lines.append("capped           max_records_per_run stops the run before the input ends")
+        if self.first_run:
+            lines.append(
+                "first run        nothing was loaded into this dataset before (if that is a "
+                "surprise, check the destination and dataset)"
+            )
         return "\n".join(lines)
 
 
@@ -81,12 +88,20 @@ class DryRun(EnrichmentRun):
     """An :class:`EnrichmentRun` that counts what it would send and writes nothing."""
 
     plan: Plan
+    _blocked = False  # a carried entry larger than the cap stops every submit
+
+    def _start(self) -> None:
+        # Reading takes what it takes: the wait budget is the real run's, not the plan's.
+        sched = replace(self.s.scheduler, wait_budget_seconds=float("inf"))
+        self.s = replace(self.s, scheduler=sched)
+        super()._start()
 
     def _run(self, pipeline: dlt.Pipeline) -> Generator[Any, None, None]:
         sched = self.sched
         self.plan = Plan(
             records_per_job=sched.records_per_job,
             concurrent_jobs=sched.settings.concurrent_jobs,
+            first_run=not self.state.get("has_history"),
         )
         journal = self.journal
         for entry in journal.in_phase(TO_SEND, SENDING, IN_FLIGHT):
@@ -94,14 +109,24 @@ class DryRun(EnrichmentRun):
                 self.reserved[item.key] = entry
         for entry in journal.in_phase(IN_FLIGHT):
             self.plan.in_flight += len(entry.items)
-        # a submit whose answer never came is resent (what has attempts left), as are
-        # records already waiting to be sent
+        # What the real run settles first, without its writes: keys given up stay given up,
+        # a submit whose answer never came is resent (what has attempts left), and records
+        # already waiting to be sent go out before any new one.
+        for entry in list(journal.entries.values()):
+            for spent in entry.unreported:
+                self._keep_given_up(spent)
+        waiting: list[list[BatchItem]] = []
         for entry in journal.in_phase(SENDING):
-            self._count_entry(
-                [i for i in entry.items if i.attempt < self.s.max_attempts], resent=True
-            )
-        for entry in journal.in_phase(TO_SEND):
-            self._count_entry(entry.items, resent=True)
+            resend = [i for i in entry.items if i.attempt < self.s.max_attempts]
+            self._give_up([i for i in entry.items if i.attempt >= self.s.max_attempts])
+            waiting.append(resend)
+        waiting += [e.items for e in journal.in_phase(TO_SEND)]
+        for items in waiting:
+            if len(items) > self._cap_left():
+                # the real run sends nothing more this run (see _send_entries)
+                self._blocked = True
+                break
+            self._count_entry(items, resent=True)
         yield from self._read_and_submit(pipeline)
         while self.pending.items and self._submit_pending(self._cap_left()):
             pass
@@ -109,6 +134,15 @@ class DryRun(EnrichmentRun):
         plan.rows_read, plan.already_fresh = stats.rows_read, stats.already_fresh
         plan.rejected = dict(stats.rejected)
         plan.capped = plan.capped or bool(self.pending.items)
+
+    def _give_up(self, items: list[BatchItem]) -> None:
+        """Records out of attempts end ``error`` (as :meth:`_settle` does): not sent."""
+        now = self._now()
+        for item in items:
+            self.reserved.pop(item.key, None)
+            self.known.keys[item.key] = KeyState(
+                "error", now, None, item.record, set(item.pks), submitted_at=now
+            )
 
     def _count_entry(self, items: list[BatchItem], *, resent: bool) -> None:
         jobs = math.ceil(len(items) / self.sched.records_per_job)
@@ -141,6 +175,8 @@ class DryRun(EnrichmentRun):
         pass  # counted when the journal was read
 
     def _submit_pending(self, limit: int) -> bool:
+        if self._blocked:
+            return False
         n = min(limit, self._cap_left(), self.sched.records_per_job)
         if n <= 0:
             return False
@@ -175,6 +211,8 @@ def plan_run(pipeline: dlt.Pipeline, source: Any) -> Plan:
     if len(handles) != 1:
         raise ValueError("plan_run takes a source with one apione enrichment resource")
     handle = handles[0]
+    # The real run's handle state (its run, load slicing) is put back afterwards.
+    previous, sliced = handle.run, handle.sliced
     with tempfile.TemporaryDirectory(prefix="apione_plan_") as workdir:
         shadow = dlt.pipeline(
             pipeline_name=pipeline.pipeline_name,
@@ -183,7 +221,7 @@ def plan_run(pipeline: dlt.Pipeline, source: Any) -> Plan:
             pipelines_dir=workdir,
         )
         shadow.sync_destination()  # state and schema as the last run left them (read only)
-        handle.dry_run = True
+        handle.dry_run, handle.run, handle.sliced = True, None, False
         try:
             shadow.extract(source)
         except PipelineStepFailed as failed:
@@ -192,8 +230,10 @@ def plan_run(pipeline: dlt.Pipeline, source: Any) -> Plan:
                 raise
             raise cause from None
         finally:
-            handle.dry_run = False
-            handle.close()
-        run = handle.run
-        assert isinstance(run, DryRun)
+            run = handle.run
+            if run is not None:
+                run.close()
+            handle.dry_run, handle.run, handle.sliced = False, previous, sliced
+        if not isinstance(run, DryRun):
+            raise RuntimeError("the source did not plan: is it an apione() source?")
         return run.plan

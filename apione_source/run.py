@@ -361,7 +361,12 @@ class EnrichmentRun:
         cap = self._cap()
         if cap is None:
             return 1 << 62
-        return max(0, cap - self.sched.counters.submitted_records)
+        return max(0, cap - self._maybe_billed())
+
+    def _maybe_billed(self) -> int:
+        """Records this run may have had billed: submitted, and sent with answers lost."""
+        counters = self.sched.counters
+        return counters.submitted_records + counters.lost_records
 
     # --- the run ----------------------------------------------------------------------
 
@@ -512,14 +517,7 @@ class EnrichmentRun:
         for entry in list(journal.entries.values()):
             for spent in entry.unreported:
                 journal.reported(entry, spent, self.load_id)
-                # Keys that gave up in it stay given up, though the report is not loaded yet
-                # (as in _settle): never sent again.
-                at = utc_from_timestamp(spent.at)
-                for item in spent.items:
-                    if item.key not in spent.resend:
-                        self.known.keys[item.key] = KeyState(
-                            "error", at, spent.job_id, item.record, set(item.pks), submitted_at=at
-                        )
+                self._keep_given_up(spent)
                 yield from self._report(entry, spent)
         for entry in journal.in_phase(SENDING):
             yield from self._settle(Finished(entry, LOST, error="submit answer lost (crash)"))
@@ -556,6 +554,18 @@ class EnrichmentRun:
                 break
             yield from self._settle(fin)
         yield from self._finish()
+
+    def _keep_given_up(self, spent: SpentGen) -> None:
+        """Keys that gave up in ``spent`` stay given up, though its report is not loaded yet.
+
+        (As in :meth:`_settle`: never sent again.)
+        """
+        at = utc_from_timestamp(spent.at)
+        for item in spent.items:
+            if item.key not in spent.resend:
+                self.known.keys[item.key] = KeyState(
+                    "error", at, spent.job_id, item.record, set(item.pks), submitted_at=at
+                )
 
     def _create_tables(self) -> Iterator[Any]:
         """Create this type's tables that do not exist yet, rows or not.
@@ -842,10 +852,7 @@ class EnrichmentRun:
                 )
             return "fresh"
         cap = self._cap()
-        if (
-            cap is not None
-            and self.sched.counters.submitted_records + len(self.pending.items) >= cap
-        ):
+        if cap is not None and self._maybe_billed() + len(self.pending.items) >= cap:
             return "cap"
         attempt = ks.retries + 1 if ks is not None and ks.status not in FINAL_STATUSES else 1
         self.pending.add(BatchItem(key, norm.record, [row.pk], attempt, cursor=row.cursor))

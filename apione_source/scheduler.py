@@ -139,6 +139,7 @@ class _Counters:
     submitted_jobs: int = 0
     submitted_records: int = 0
     lost_answers: int = 0
+    lost_records: int = 0  # records of lost answers: maybe billed, so they count against caps
     capacity_waits: int = 0
     deferred: int = 0
 
@@ -295,6 +296,7 @@ class JobScheduler:
     def _lost_answer(self, entry: Entry, exc: SubmitOutcomeUnknownError) -> tuple[str, float]:
         # The job may exist and be billed; the run spends the entry (counted, resent).
         self.counters.lost_answers += 1
+        self.counters.lost_records += len(entry.items)
         self.finished.put_nowait(Finished(entry, LOST, error=str(exc)))
         self._lost_streak += 1
         if self._lost_streak >= _MAX_LOST_STREAK:

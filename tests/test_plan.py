@@ -177,3 +177,32 @@ def test_the_command_line_plan_is_configured_like_the_pipeline(
     )
     assert broken.returncode == 2
     assert "apione-dlt plan:" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_the_guardrail_keeps_loading_in_slices(make_env: Callable[..., Env]) -> None:
+    env = make_env()
+    env.insert_companies(ROWS)
+
+    env.run(
+        max_credits_per_run=1000,
+        records_per_load=10,
+        records_per_job=10,
+        input_columns={"domain": "domain"},
+    )
+
+    (loads,) = env.query("SELECT count(*) FROM enriched._dlt_loads")[0]
+    assert loads >= 4  # 40 records, a package every 10: planning did not stop the slicing
+    assert billed(env.sandbox) == (4, 40)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_lost_submit_answers_count_against_the_credit_limit(
+    make_env: Callable[..., Env], seed: int
+) -> None:
+    # half the 500s on submit come after the job was created (and billed)
+    env = make_env(transient_error_rate=0.4, seed=seed)
+    env.insert_companies([(i, f"firm{i}.com") for i in range(100)])
+
+    env.run(max_credits_per_run=100, records_per_job=10, input_columns={"domain": "domain"})
+
+    assert billed(env.sandbox)[1] <= 100
