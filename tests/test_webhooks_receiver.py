@@ -184,7 +184,16 @@ def run_with_webhooks(env: Env, receiver_url: str, store: str, **overrides: Any)
 def test_a_run_collects_delivered_jobs_without_polling_them(
     make_env: Callable[..., Env], receiver: Receiver
 ) -> None:
-    env = make_env(job_seconds_base=0.5, webhook_secret=SECRET, webhook_retry_base_seconds=0.05)
+    # ApiOne's deliveries as the contract has them: at least once (each accepted one sent
+    # twice more, same id), out of order (random waits), retried on non-2xx
+    env = make_env(
+        job_seconds_base=0.5,
+        webhook_secret=SECRET,
+        webhook_retry_base_seconds=0.05,
+        webhook_repeats=2,
+        webhook_jitter_seconds=0.3,
+        seed=3,
+    )
     env.insert_companies([(i, f"firm{i}.com") for i in range(50)])
     receiver.store.failures = 2  # two deliveries are retried by the sandbox
 
@@ -193,6 +202,8 @@ def test_a_run_collects_delivered_jobs_without_polling_them(
     usage = env.sandbox.usage()
     assert billed(env.sandbox) == (5, 50)
     assert usage["status_calls"] == 0 and usage["results_calls"] == 0
+    jobs = [r[0] for r in env.query(f"SELECT job_id FROM enriched.{COMPANY.jobs}")]
+    assert [len(stored(receiver, job)) for job in jobs] == [1] * 5  # repeats stored once
     assert env.count(COMPANY.outcomes) == 50
     assert {r[0] for r in env.query(f"SELECT status FROM enriched.{COMPANY.jobs}")} == {"completed"}
 

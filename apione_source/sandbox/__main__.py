@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--webhook-secret", default="whsec_sandbox")
     p.add_argument("--webhook-retry-base-seconds", type=float, default=1.0)
+    p.add_argument(
+        "--webhook-repeats",
+        type=int,
+        default=0,
+        help="send each accepted delivery this many more times (same delivery id)",
+    )
+    p.add_argument(
+        "--webhook-jitter-seconds",
+        type=float,
+        default=0.0,
+        help="wait a random 0..this before each delivery (out-of-order arrival)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -148,6 +160,8 @@ def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
         request_timeout_seconds=args.request_timeout_seconds or None,
         webhook_secret=args.webhook_secret,
         webhook_retry_base_seconds=args.webhook_retry_base_seconds,
+        webhook_repeats=args.webhook_repeats,
+        webhook_jitter_seconds=args.webhook_jitter_seconds,
         seed=args.seed,
     )
 

@@ -11,6 +11,7 @@ that delivery at once; no thread dies from bad input.
 from __future__ import annotations
 
 import http.client
+import random
 import secrets
 import threading
 import traceback
@@ -71,6 +72,9 @@ class WebhookDispatcher:
         clock: Unix time used for the signature timestamp (the sandbox's clock, so a
             fake clock in tests signs with fake time).
         timeout: Per-attempt connect/read timeout in seconds.
+        repeats: Deliveries sent again after they were accepted (same delivery id).
+        jitter_seconds: Random wait (0..this) before a delivery's first attempt.
+        seed: Seed of the jitter.
     """
 
     def __init__(
@@ -80,12 +84,20 @@ class WebhookDispatcher:
         retry_base_seconds: float,
         clock: Callable[[], float],
         timeout: float = 5.0,
+        *,
+        repeats: int = 0,
+        jitter_seconds: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self._engine = engine
         self._secret = secret
         self._retry_base = retry_base_seconds
         self._clock = clock
         self._timeout = timeout
+        self._repeats = repeats
+        self._jitter = jitter_seconds
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -132,6 +144,16 @@ class WebhookDispatcher:
 
     def _attempts(self, due: WebhookDue) -> None:
         delivery_id = "dlv_" + secrets.token_hex(12)
+        with self._rng_lock:
+            jitter = self._rng.uniform(0.0, self._jitter)
+        if jitter and self._stop.wait(jitter):
+            return
+        for _ in range(1 + self._repeats):  # at least once: accepted ones may come again
+            if not self._deliver_once(due, delivery_id):
+                return
+
+    def _deliver_once(self, due: WebhookDue, delivery_id: str) -> bool:
+        """Attempts until accepted (True), or given up (False)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             # Re-signed on every attempt so a late retry still passes the receiver's
             # timestamp tolerance; the body and delivery id stay the same.
@@ -144,10 +166,11 @@ class WebhookDispatcher:
             }
             try:
                 if 200 <= post_once(due, headers, self._timeout) < 300:
-                    return
+                    return True
             except (ValueError, OverflowError, http.client.InvalidURL):
-                return  # a URL no retry can fix (a bad host or port): give up at once
+                return False  # a URL no retry can fix (a bad host or port): give up at once
             except (OSError, http.client.HTTPException):
                 pass  # connection errors are retried like non-2xx answers
             if attempt < MAX_ATTEMPTS and self._stop.wait(self._retry_base * 2 ** (attempt - 1)):
-                return
+                return False
+        return False

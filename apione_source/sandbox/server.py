@@ -305,6 +305,10 @@ class Sandbox:
             408 ``request_timeout`` when possible and closed. None waits forever.
         webhook_secret: Secret signing webhook deliveries.
         webhook_retry_base_seconds: First webhook retry delay; doubles each retry.
+        webhook_repeats: Each delivery is sent this many more times after it was
+            accepted, with the same delivery id (deliveries are at least once).
+        webhook_jitter_seconds: Each delivery waits a random 0..this before its first
+            attempt, so deliveries arrive out of order (drawn from ``seed``).
         seed: Seed of every reproducible choice (faults, failures, record errors, and
             which jobs get each contract drift above).
         clock: Unix time source; inject a fake one to drive jobs without sleeping.
@@ -348,6 +352,8 @@ class Sandbox:
         request_timeout_seconds: float | None = 30.0,
         webhook_secret: str = "whsec_sandbox",
         webhook_retry_base_seconds: float = 1.0,
+        webhook_repeats: int = 0,
+        webhook_jitter_seconds: float = 0.0,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -416,7 +422,13 @@ class Sandbox:
         self._host = host
         self._port = port
         self._dispatcher = WebhookDispatcher(
-            self.engine, webhook_secret, webhook_retry_base_seconds, clock
+            self.engine,
+            webhook_secret,
+            webhook_retry_base_seconds,
+            clock,
+            repeats=webhook_repeats,
+            jitter_seconds=webhook_jitter_seconds,
+            seed=seed,
         )
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
