@@ -15,12 +15,14 @@ collection of the job.
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
 from apione_source.errors import WebhookSignatureError
@@ -81,7 +83,7 @@ class DeliveryStore:
 
     def __init__(self, root: str, **storage_options: Any) -> None:
         """Open the folder (created on first write)."""
-        self.fs, self.root = url_to_fs(root, **storage_options)
+        self.fs, self.root = url_to_fs(root, skip_instance_cache=True, **storage_options)
         self.root = self.root.rstrip("/")
 
     def _path(self, job_id: str, delivery_id: str = "") -> str:
@@ -102,15 +104,24 @@ class DeliveryStore:
         path = self._path(delivery.job_id, delivery.delivery_id)
         if self.fs.exists(path):
             return False
-        self.fs.makedirs(self._path(delivery.job_id), exist_ok=True)
+        data = delivery.to_json()
+        if not isinstance(self.fs, LocalFileSystem):
+            self.fs.pipe_file(path, data)  # one PUT: an object is whole or absent
+            return True
+        folder = self._path(delivery.job_id)
+        os.makedirs(folder, exist_ok=True)
         temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        self.fs.pipe_file(temporary, delivery.to_json())
-        self.fs.mv(temporary, path)  # a rename: readers see a whole file or none
+        with open(temporary, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # durable before the 200 that stops ApiOne's retries
+        os.replace(temporary, path)  # readers see a whole file or none
         return True
 
     def find(self, job_id: str) -> list[Delivery]:
         """Every stored delivery of ``job_id`` (unreadable files are skipped)."""
         folder = self._path(job_id)
+        self.fs.invalidate_cache(folder)  # object stores cache listings: see new files
         try:
             names = [p for p in self.fs.ls(folder, detail=False) if str(p).endswith(".json")]
         except FileNotFoundError:
@@ -122,6 +133,20 @@ class DeliveryStore:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # never trusted; polling collects the job
         return found
+
+    def writable(self) -> None:
+        """Write, read back and delete a probe file (the receiver's health check).
+
+        Raises:
+            OSError: The folder cannot be written or read.
+        """
+        probe = f"{self.root}/.health-{uuid.uuid4().hex}"
+        self.fs.pipe_file(probe, b"ok")
+        try:
+            if self.fs.cat_file(probe) != b"ok":
+                raise OSError("the store did not give back what was written")
+        finally:
+            self.fs.rm(probe)
 
     def forget(self, job_id: str) -> None:
         """Remove a job's deliveries once its results are collected (optional tidying)."""
@@ -139,12 +164,21 @@ class DeliveryInbox:
         self._secret = secret
 
     def event(self, job_id: str) -> WebhookEvent | None:
-        """A delivered, trusted event of ``job_id`` (None: none came yet, or none to trust)."""
-        for delivery in self.store.find(job_id):
-            event = trusted_event(delivery, self._secret.reveal(), job_id)
-            if event is not None:
-                return event
-        return None
+        """A delivered, trusted event of ``job_id`` (None: none came yet, or none to trust).
+
+        ``job.completed`` wins over ``job.failed`` (deliveries come in any order, and
+        spending a job that completed would pay for its records twice). A job id no
+        delivery could carry has none.
+        """
+        if not _JOB_ID.fullmatch(job_id):
+            return None
+        secret = self._secret.reveal()
+        events = [trusted_event(d, secret, job_id) for d in self.store.find(job_id)]
+        trusted = [e for e in events if e is not None]
+        completed = [e for e in trusted if e.event == "job.completed"]
+        if completed:
+            return completed[0]
+        return trusted[0] if trusted else None
 
 
 def trusted_event(delivery: Delivery, secret: str, job_id: str) -> WebhookEvent | None:
@@ -154,9 +188,8 @@ def trusted_event(delivery: Delivery, secret: str, job_id: str) -> WebhookEvent 
     copy again (the store may be writable by others), without the age limit.
     """
     try:
-        timestamp = int(delivery.signature.split("t=", 1)[1].split(",", 1)[0])
-        verify_signature(secret, delivery.body, delivery.signature, now=timestamp)
+        verify_signature(secret, delivery.body, delivery.signature, tolerance=None)
         event = WebhookEvent.model_validate_json(delivery.body)
-    except (WebhookSignatureError, ValidationError, ValueError, IndexError):
+    except (WebhookSignatureError, ValidationError, ValueError):
         return None
     return event if event.job_id == job_id else None

@@ -34,6 +34,8 @@ No error message or repr ever contains the API key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -227,3 +229,17 @@ def connector_cause(exc: BaseException) -> ApiOneError | None:
     while cause is not None and not isinstance(cause, ApiOneError):
         cause = cause.__cause__ or cause.__context__
     return cause
+
+
+@contextmanager
+def connector_errors() -> Iterator[None]:
+    """Raise the connector's own error instead of what wraps it (dlt's step failures)."""
+    try:
+        yield
+    except ApiOneError:
+        raise
+    except Exception as exc:
+        cause = connector_cause(exc)
+        if cause is None:
+            raise
+        raise cause from None

@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import dlt
-from dlt.pipeline.exceptions import PipelineStepFailed
 
-from apione_source.errors import connector_cause
+from apione_source.errors import connector_errors
 from apione_source.history import KeyState
 from apione_source.journal import IN_FLIGHT, SENDING, TO_SEND, BatchItem, Entry
 from apione_source.run import EnrichmentRun
@@ -223,12 +222,8 @@ def plan_run(pipeline: dlt.Pipeline, source: Any) -> Plan:
         shadow.sync_destination()  # state and schema as the last run left them (read only)
         handle.dry_run, handle.run, handle.sliced = True, None, False
         try:
-            shadow.extract(source)
-        except PipelineStepFailed as failed:
-            cause = connector_cause(failed)
-            if cause is None:
-                raise
-            raise cause from None
+            with connector_errors():
+                shadow.extract(source)
         finally:
             run = handle.run
             if run is not None:

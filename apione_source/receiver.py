@@ -6,7 +6,7 @@ constant-time comparison, strict parsing: :mod:`apione_source.webhooks`), parses
 body strictly, and stores the delivery durably (:class:`~apione_source.deliveries.DeliveryStore`)
 before it answers 2xx, so ApiOne retries anything not stored. A delivery id stored before
 is acknowledged and not stored again (ApiOne repeats deliveries; a replay gains nothing).
-``GET /health`` answers 200 when the store can be reached.
+``GET /health`` answers 200 when a probe file can be written to the store and read back.
 
 Answers: 200 stored (or already stored); 400 a body or header outside the contract;
 401 a missing, bad or stale signature; 413 a body too large; 503 the store failed
@@ -70,9 +70,13 @@ def create_app(
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
             return _refuse(413, "too_large", f"bodies above {MAX_BODY_BYTES} bytes are refused")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return _refuse(413, "too_large", f"bodies above {MAX_BODY_BYTES} bytes are refused")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # capped as it comes (chunked bodies too)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return _refuse(413, "too_large", f"bodies above {MAX_BODY_BYTES} bytes are refused")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         signature = request.headers.get(SIGNATURE_HEADER, "")
         try:
             verify_signature(secret.reveal(), body, signature, now=clock(), tolerance=tolerance)
@@ -82,8 +86,8 @@ def create_app(
         delivery_id = request.headers.get(DELIVERY_HEADER, "")
         if not delivery_ids.fullmatch(delivery_id):
             return _refuse(400, "bad_delivery_id", f"{DELIVERY_HEADER} is missing or malformed")
-        try:
-            event = WebhookEvent.model_validate_json(body)
+        try:  # megabytes of JSON: off the event loop
+            event = await run_in_threadpool(WebhookEvent.model_validate_json, body)
         except ValidationError as exc:
             return _refuse(400, "bad_body", f"not a jobFinished body ({exc.error_count()} errors)")
         if request.headers.get(EVENT_HEADER, event.event) != event.event:
@@ -107,9 +111,10 @@ def create_app(
 
     async def health(request: Request) -> JSONResponse:
         try:
-            await run_in_threadpool(store.fs.exists, store.root)
-        except OSError as exc:
-            return _refuse(503, "store_unavailable", str(exc))
+            await run_in_threadpool(store.writable)
+        except Exception as exc:  # whatever the store raises: not healthy
+            logger.error("health: the store cannot be written: %s", exc)
+            return _refuse(503, "store_unavailable", "the store cannot be written")
         return JSONResponse({"status": "ok"})
 
     return Starlette(

@@ -390,15 +390,18 @@ class JobScheduler:
                     if self.remaining <= 0:
                         return
                 if self.delivered is not None:
-                    # A delivery makes status and results calls unneeded; none yet: wait
-                    # a little for it (once) before asking ApiOne.
+                    # A delivery makes status and results calls unneeded. None yet: wait
+                    # for it until the job should have ended, plus a grace (once), before
+                    # asking ApiOne.
                     by_webhook = await self._delivered(entry)
-                    if isinstance(by_webhook, Finished):
+                    if by_webhook is not None:
                         await self.finished.put(by_webhook)
                         return
                     if grace_until is None:
-                        grace_until = self.clock() + self.settings.webhook_grace_seconds
-                    if by_webhook == "no room" or self.clock() < grace_until:
+                        grace_until = pacer.expected_end(self.clock()) + (
+                            self.settings.webhook_grace_seconds
+                        )
+                    if self.clock() < grace_until:
                         delay = _INBOX_CHECK_SECONDS
                         continue
                 asked = self.clock()
@@ -439,18 +442,30 @@ class JobScheduler:
             self._polling -= 1
             await self._free_slot_of(entry)
 
-    async def _delivered(self, entry: Entry) -> Finished | str | None:
-        """How the job ended, from its delivery; None: no delivery to trust yet."""
+    async def _delivered(self, entry: Entry) -> Finished | None:
+        """The job's results from its delivery; None: poll it instead.
+
+        Only a ``job.completed`` delivery whose results line up with what was sent is
+        used. A ``job.failed`` one is confirmed by polling (spending the job resends, and
+        bills, its records); a store that cannot be read is polled around.
+        """
         assert self.delivered is not None
-        event = await asyncio.to_thread(self.delivered, str(entry.job_id))
-        if event is None:
+        if not await self._room_for_results():  # as polling waits before fetching results
             return None
-        if event.event == "job.failed":
-            reason = event.error.message if event.error else "failed"
-            return Finished(entry, FAILED, status=event, error=reason)
+        try:
+            event = await asyncio.to_thread(self.delivered, str(entry.job_id))
+        except Exception as exc:  # the store, whatever it is: never the run's end
+            logger.warning("job %s: deliveries unreadable (%s); polling it", entry.job_id, exc)
+            event = None
+        indexes = sorted(r.index for r in event.results) if event is not None else []
+        if (
+            event is None
+            or event.event != "job.completed"
+            or indexes != list(range(len(entry.items)))
+        ):
+            self._results_room.release()
+            return None
         await self._free_slot_of(entry)
-        if not await self._room_for_results():
-            return "no room"  # the run is ending: the job is carried over
         return Finished(entry, COMPLETED, results=event, status=event)
 
     async def _free_slot_of(self, entry: Entry) -> None:
@@ -617,6 +632,10 @@ class _Pacer:
     timeout_at: float
     _first_progress: tuple[float, int] | None = None
     _retries: int = 0
+
+    def expected_end(self, now: float) -> float:
+        """When the job should end per its estimate (``now`` for a carried-over job)."""
+        return now if self.estimate is None else max(now, self.born + self.estimate)
 
     def first_wait(self, now: float) -> float:
         """How long to wait before the first look.

@@ -17,11 +17,10 @@ from dlt.common.destination.reference import TDestinationReferenceArg
 from dlt.common.runtime import signals
 from dlt.common.typing import TSecretValue
 from dlt.extract.resource import DltResource
-from dlt.pipeline.exceptions import PipelineStepFailed
 
 from apione_source.client import ApiOneClient, AsyncApiOneClient
 from apione_source.deliveries import DeliveryInbox, DeliveryStore
-from apione_source.errors import ConfigurationError, CreditLimitError, connector_cause
+from apione_source.errors import ConfigurationError, CreditLimitError, connector_errors
 from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
 from apione_source.plan import DryRun, plan_run
@@ -315,7 +314,7 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         # One interception for the whole run: dlt's own (around a package's load) and the
         # run's (around each slice) nest in it instead of forgetting a SIGTERM that came
         # between slices; the run then stops before the next slice submits anything.
-        with signals.intercepted_signals():
+        with connector_errors(), signals.intercepted_signals():
             if pipeline.has_pending_data:
                 pipeline.run()
             _check_credits(pipeline, source, handles)
@@ -325,11 +324,6 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
                 signals.raise_if_signalled()
                 info = pipeline.run(source, **run_kwargs)
             return info
-    except PipelineStepFailed as failed:
-        cause = connector_cause(failed)
-        if cause is None:
-            raise
-        raise cause from None
     finally:
         for handle in handles:
             handle.close()

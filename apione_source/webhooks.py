@@ -57,7 +57,7 @@ def verify_signature(
     header: str,
     *,
     now: float | None = None,
-    tolerance: int = DEFAULT_TOLERANCE_SECONDS,
+    tolerance: int | None = DEFAULT_TOLERANCE_SECONDS,
 ) -> None:
     """Check a delivery's signature header against its raw body.
 
@@ -69,7 +69,8 @@ def verify_signature(
         body: The raw request body, exactly as received (before any JSON parsing).
         header: The ``X-ApiOne-Signature`` header value.
         now: Current unix time; defaults to ``time.time()``.
-        tolerance: Maximum distance in seconds between ``t`` and ``now``.
+        tolerance: Maximum distance in seconds between ``t`` and ``now``; None checks no
+            age (a delivery stored after it was checked on arrival).
 
     Raises:
         WebhookSignatureError: The header is missing, not ASCII or malformed, no
@@ -101,7 +102,7 @@ def verify_signature(
             "webhook signature header lacks t= or a v1= of 64 hexadecimal characters"
         )
     current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance:
+    if tolerance is not None and abs(current - timestamp) > tolerance:
         raise WebhookSignatureError(
             f"webhook signature timestamp is {abs(current - timestamp):.0f}s away from now "
             f"(tolerance {tolerance}s)"

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ class Receiver:
         return httpx.post(f"{self.url}{PATH}", content=body, headers=headers, timeout=10)
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    store = FlakyStore(str(tmp_path / "deliveries"))
+@contextmanager
+def serving(store: DeliveryStore) -> Iterator[str]:
+    """The receiver over ``store``, served by uvicorn on 127.0.0.1; its root URL."""
     config = uvicorn.Config(
         create_app(store, Secret(SECRET)), host="127.0.0.1", port=0, log_level="warning"
     )
@@ -62,10 +63,17 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Receiver(store, f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    store = FlakyStore(str(tmp_path / "deliveries"))
+    with serving(store) as url:
+        yield Receiver(store, url)
 
 
 def event_body(job_id: str = JOB, event: str = "job.completed") -> bytes:
@@ -242,3 +250,67 @@ def test_a_stored_delivery_not_signed_with_the_runs_secret_is_never_trusted(
     usage = env.sandbox.usage()
     assert usage["status_calls"] >= 1 and usage["results_calls"] == 1
     assert env.count(COMPANY.outcomes) == 10
+
+
+def test_the_health_check_fails_when_the_store_cannot_be_written(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the store should be")
+    with serving(DeliveryStore(str(blocked))) as url:
+        answer = httpx.get(f"{url}/health")
+    assert answer.status_code == 503 and str(blocked) not in answer.text
+
+
+@pytest.mark.parametrize("trouble", ["odd job ids", "unreadable store"])
+def test_store_trouble_never_ends_the_run_it_polls_instead(
+    make_env: Callable[..., Env], tmp_path: Path, trouble: str
+) -> None:
+    odd = trouble == "odd job ids"  # ids outside the contract's pattern, as some APIs send
+    env = make_env(
+        job_seconds_base=0.2, webhook_secret=SECRET, job_id_style="odd" if odd else "default"
+    )
+    env.insert_companies([(i, f"firm{i}.com") for i in range(10)])
+    store = tmp_path / "store"
+    if not odd:
+        store.write_text("a file where the store should be: every read fails")
+
+    run_with_webhooks(env, "http://127.0.0.1:9", str(store))
+
+    assert env.count(COMPANY.outcomes) == 10
+    assert billed(env.sandbox) == (1, 10)
+    assert env.sandbox.usage()["results_calls"] == 1
+
+
+def test_completed_wins_over_failed_and_results_must_line_up(tmp_path: Path) -> None:
+    from apione_source.deliveries import DeliveryInbox
+
+    store = DeliveryStore(str(tmp_path / "deliveries"))
+    inbox = DeliveryInbox(store, Secret(SECRET))
+
+    def put(delivery_id: str, body: bytes) -> None:
+        t = int(time.time())
+        store.put(Delivery(delivery_id, JOB, "x", sign(SECRET, body, t), body, t))
+
+    failed = event_body(event="job.failed").replace(
+        b'"results": [{', b'"error": {"code": "x", "message": "m"}, "results": [{'
+    )
+    put("dlv_a", failed)
+    assert inbox.event(JOB) is not None and inbox.event(JOB).event == "job.failed"  # type: ignore[union-attr]
+    put("dlv_b", event_body())
+    for _ in range(5):  # whatever order the store lists them in
+        assert inbox.event(JOB).event == "job.completed"  # type: ignore[union-attr]
+    assert inbox.event("job_../../x") is None
+
+
+def test_a_delivery_whose_results_do_not_line_up_is_not_used(
+    make_env: Callable[..., Env], receiver: Receiver
+) -> None:
+    # every job's results (and webhook) lack their last record: polling fetches them
+    env = make_env(job_seconds_base=0.2, webhook_secret=SECRET, short_results_rate=1.0)
+    env.insert_companies([(i, f"firm{i}.com") for i in range(10)])
+
+    run_with_webhooks(env, receiver.url, receiver.store.root)
+
+    (job,) = [r[0] for r in env.query(f"SELECT job_id FROM enriched.{COMPANY.jobs}")]
+    assert len(stored(receiver, job)) == 1  # delivered, but short
+    assert env.sandbox.usage()["results_calls"] >= 1
+    assert billed(env.sandbox) == (1, 10)
