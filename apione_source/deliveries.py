@@ -141,6 +141,7 @@ class DeliveryStore:
             OSError: The folder cannot be written or read.
         """
         probe = f"{self.root}/.health-{uuid.uuid4().hex}"
+        self.fs.makedirs(self.root, exist_ok=True)
         self.fs.pipe_file(probe, b"ok")
         try:
             if self.fs.cat_file(probe) != b"ok":

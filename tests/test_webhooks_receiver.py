@@ -314,3 +314,8 @@ def test_a_delivery_whose_results_do_not_line_up_is_not_used(
     assert len(stored(receiver, job)) == 1  # delivered, but short
     assert env.sandbox.usage()["results_calls"] >= 1
     assert billed(env.sandbox) == (1, 10)
+
+
+def test_a_new_store_folder_is_healthy(tmp_path: Path) -> None:
+    with serving(DeliveryStore(str(tmp_path / "new" / "deliveries"))) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
