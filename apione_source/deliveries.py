@@ -32,8 +32,7 @@ from apione_source.settings import JOB_ID_PATTERN
 from apione_source.webhooks import verify_signature
 
 # Delivery ids and job ids become file names: nothing but these characters.
-DELIVERY_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
-_DELIVERY_ID = re.compile(DELIVERY_ID_PATTERN)
+DELIVERY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
@@ -89,7 +88,7 @@ class DeliveryStore:
     def _path(self, job_id: str, delivery_id: str = "") -> str:
         if not _JOB_ID.fullmatch(job_id):
             raise ValueError(f"not a job id: {job_id[:80]!r}")
-        if delivery_id and not _DELIVERY_ID.fullmatch(delivery_id):
+        if delivery_id and not DELIVERY_ID.fullmatch(delivery_id):
             raise ValueError(f"not a delivery id: {delivery_id[:80]!r}")
         folder = f"{self.root}/{job_id}"
         return f"{folder}/{delivery_id}.json" if delivery_id else folder
@@ -148,12 +147,6 @@ class DeliveryStore:
                 raise OSError("the store did not give back what was written")
         finally:
             self.fs.rm(probe)
-
-    def forget(self, job_id: str) -> None:
-        """Remove a job's deliveries once its results are collected (optional tidying)."""
-        folder = self._path(job_id)
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)
 
 
 class DeliveryInbox:
