@@ -87,7 +87,7 @@ class DryRun(EnrichmentRun):
     """An :class:`EnrichmentRun` that counts what it would send and writes nothing."""
 
     plan: Plan
-    _blocked = False  # a carried entry larger than the cap stops every submit
+    _blocked = False  # a resend that does not fit under the cap stops every submit
 
     def _start(self) -> None:
         # Reading takes what it takes: the wait budget is the real run's, not the plan's.
@@ -120,12 +120,14 @@ class DryRun(EnrichmentRun):
             self._give_up([i for i in entry.items if i.attempt >= self.s.max_attempts])
             waiting.append(resend)
         waiting += [e.items for e in journal.in_phase(TO_SEND)]
-        for items in waiting:
-            if len(items) > self._cap_left():
+        size = self._piece_size()
+        pieces = [items[i : i + size] for items in waiting for i in range(0, len(items), size)]
+        for piece in pieces:
+            if len(piece) > self._cap_left():
                 # the real run sends nothing more this run (see _send_entries)
                 self._blocked = True
                 break
-            self._count_entry(items, resent=True)
+            self._count_entry(piece, resent=True)
         yield from self._read_and_submit(pipeline)
         while self.pending.items and self._submit_pending(self._cap_left()):
             pass

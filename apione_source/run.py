@@ -603,7 +603,7 @@ class EnrichmentRun:
         """Send journal entries with records to send (resends, carried, dissolved)."""
         while self.to_send and self.sched.can_submit:
             entry = self.to_send[0]
-            per_job = self.sched.records_per_job
+            per_job = self._piece_size()
             if len(entry.items) > per_job:
                 pieces = [entry.items[i : i + per_job] for i in range(0, len(entry.items), per_job)]
                 self.to_send[:1] = self.journal.dissolve(entry, pieces)
@@ -621,6 +621,16 @@ class EnrichmentRun:
             if outcome != "shrink":
                 self.to_send.pop(0)
         self._sync_stats()
+
+    def _piece_size(self) -> int:
+        """Records per job of a resend: a job's worth, or the run's cap if that is less.
+
+        So a carried entry larger than the cap goes out in pieces instead of waiting for
+        a run with room for all of it (which never comes).
+        """
+        cap = self._cap()
+        per_job = self.sched.records_per_job
+        return per_job if cap is None else max(1, min(per_job, cap))
 
     def _submit_pending(self, limit: int) -> bool:
         """Submit up to ``limit`` pending records; False when nothing more can go this run."""

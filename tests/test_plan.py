@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -206,3 +207,32 @@ def test_lost_submit_answers_count_against_the_credit_limit(
     env.run(max_credits_per_run=100, records_per_job=10, input_columns={"domain": "domain"})
 
     assert billed(env.sandbox)[1] <= 100
+
+
+def test_records_waiting_to_be_sent_go_out_in_pieces_under_a_small_cap(
+    make_env: Callable[..., Env],
+) -> None:
+    # 30 records an earlier run could not send (a refused submit: `to send` in the
+    # journal), and a cap below them: they used to wait forever for a run with room
+    from apione_source.journal import BatchItem, Journal, SqlStore
+
+    env = make_env()
+    env.insert_companies([(i, f"firm{i}.com") for i in range(30)])
+    with SqlStore(env.pipeline.sql_client, COMPANY.journal, "duckdb") as store:
+        journal = Journal(store, COMPANY.outcomes, env.pipeline.pipeline_name, "run0", time.time)
+        journal.open(lambda loads: set())
+        entry = journal.new_entry()
+        items = [BatchItem(f"firm{i}.com", {"domain": f"firm{i}.com"}, [str(i)]) for i in range(30)]
+        journal.send(entry, items)
+        journal.unsent(entry, "refused before processing")
+
+    first = plan(env, records_per_job=50, max_records_per_run=20)
+    assert (first.records_to_resend, first.jobs) == (20, 1)
+    env.run(records_per_job=50, max_records_per_run=20, input_columns={"domain": "domain"})
+    assert billed(env.sandbox) == (1, 20)
+
+    assert plan(env, records_per_job=50, max_records_per_run=20).records_to_resend == 10
+    env.run(records_per_job=50, max_records_per_run=20, input_columns={"domain": "domain"})
+    assert billed(env.sandbox) == (2, 30)
+    assert set(env.sandbox.usage()["billed_per_key"].values()) == {1}
+    assert env.count(COMPANY.outcomes) == 30
