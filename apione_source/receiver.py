@@ -54,6 +54,7 @@ def create_app(
     *,
     tolerance: int = DEFAULT_TOLERANCE_SECONDS,
     clock: Callable[[], float] = time.time,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Starlette:
     """The receiver app.
 
@@ -62,17 +63,18 @@ def create_app(
         secret: The account's webhook secret.
         tolerance: Seconds a signature's timestamp may be away from ``clock``.
         clock: Unix time.
+        max_body_bytes: Larger bodies are refused (413) as soon as they get that large.
     """
 
     async def receive(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            return _refuse(413, "too_large", f"bodies above {MAX_BODY_BYTES} bytes are refused")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
+            return _refuse(413, "too_large", f"bodies above {max_body_bytes} bytes are refused")
         chunks, size = [], 0
         async for chunk in request.stream():  # capped as it comes (chunked bodies too)
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                return _refuse(413, "too_large", f"bodies above {MAX_BODY_BYTES} bytes are refused")
+            if size > max_body_bytes:
+                return _refuse(413, "too_large", f"bodies above {max_body_bytes} bytes are refused")
             chunks.append(chunk)
         body = b"".join(chunks)
         signature = request.headers.get(SIGNATURE_HEADER, "")

@@ -401,8 +401,11 @@ class JobScheduler:
                         grace_until = pacer.expected_end(self.clock()) + (
                             self.settings.webhook_grace_seconds
                         )
-                    if self.clock() < grace_until:
-                        delay = _INBOX_CHECK_SECONDS
+                    now = self.clock()
+                    if now < grace_until:
+                        # one nap to when the job should end, then a look every fraction
+                        # of a second: a few store listings a job, not one per 0.2 s
+                        delay = max(_INBOX_CHECK_SECONDS, pacer.expected_end(now) - now)
                         continue
                 asked = self.clock()
                 try:

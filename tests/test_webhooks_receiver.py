@@ -49,10 +49,13 @@ class Receiver:
 
 
 @contextmanager
-def serving(store: DeliveryStore) -> Iterator[str]:
+def serving(store: DeliveryStore, **options: Any) -> Iterator[str]:
     """The receiver over ``store``, served by uvicorn on 127.0.0.1; its root URL."""
     config = uvicorn.Config(
-        create_app(store, Secret(SECRET)), host="127.0.0.1", port=0, log_level="warning"
+        create_app(store, Secret(SECRET), **options),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -319,3 +322,20 @@ def test_a_delivery_whose_results_do_not_line_up_is_not_used(
 def test_a_new_store_folder_is_healthy(tmp_path: Path) -> None:
     with serving(DeliveryStore(str(tmp_path / "new" / "deliveries"))) as url:
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_a_body_over_the_cap_is_refused_declared_or_streamed(tmp_path: Path) -> None:
+    store = DeliveryStore(str(tmp_path / "deliveries"))
+    body = event_body()
+    with serving(store, max_body_bytes=len(body) - 1) as url:
+        declared = httpx.post(f"{url}{PATH}", content=body, headers=signed(body))
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: read until the cap
+            yield body[:100]
+            yield body[100:]
+
+        streamed = httpx.post(f"{url}{PATH}", content=chunks(), headers=signed(body))
+    assert (declared.status_code, streamed.status_code) == (413, 413)
+    assert store.find(JOB) == []
+    with serving(store, max_body_bytes=len(body)) as url:
+        assert httpx.post(f"{url}{PATH}", content=body, headers=signed(body)).status_code == 200
