@@ -108,6 +108,10 @@ _CUT = object()  # yielded by the run body where a load package may end
 _GC_YOUNG_THRESHOLD = 50_000
 # Event-loop rounds a poller woken by free room needs to put its request on the wire.
 _STEPS_TO_SEND = 8
+# What the first load of a run is taken to cost (seconds) before one is measured, and the
+# margin a load must fit in before the next job should end, to end a slice early for it.
+_FIRST_LOAD_GUESS_S = 1.0
+_LOAD_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -321,12 +325,15 @@ class EnrichmentRun:
         self.loads: set[str] = set()  # this run's load packages
         self.read_cursor: Any = None  # cursor of the last input row read (cursor mode)
         self.collected_in_slice = 0
+        self.load_s = _FIRST_LOAD_GUESS_S  # how long the last slice took dlt to load
+        self._cut_at: float | None = None  # when the last slice ended (scheduler clock)
         self.collected_ids: set[str] = set()  # entries collected this run, in any slice
         self.new_entries: set[str] = set()  # entries made from rows this run read
         # Keys are looked up in the warehouse as rows come (not all held in memory).
         self.in_warehouse = False
         self._stack = ExitStack()
         self._body: Generator[Any, None, None] | None = None
+        self._ended = False  # the run body is done (its resources may still be held)
         self._closed = False
 
     # --- helpers ----------------------------------------------------------------------
@@ -389,9 +396,16 @@ class EnrichmentRun:
                 for item in self._body:
                     if item is _CUT:
                         yield from self._end_slice()
+                        self._cut_at = self.clock()
                         return
                     yield item
-            self.close()
+            self._ended = True
+            if self.records_per_load is None:
+                self.close()
+            # Sliced, run_enrichment closes the run once dlt loaded its last slice: the lock
+            # is held until then, and the connections stay open, so DuckDB writes its log
+            # into the database file once (when the last one closes), not twice.
+            #
             # A run that could not do its job fails (so every orchestrator shows it red).
             # Its package is dropped; the journal holds everything the next run needs.
             signals.raise_if_signalled()
@@ -404,7 +418,7 @@ class EnrichmentRun:
     @property
     def finished(self) -> bool:
         """True once the run ended (or failed): nothing more to extract."""
-        return self._closed
+        return self._ended or self._closed
 
     def close(self) -> None:
         """Release what the run holds (lock, event loop, connections); idempotent."""
@@ -459,21 +473,31 @@ class EnrichmentRun:
         self.out.load_id = self.journal.run_id = self.load_id
         self.state = dlt.current.resource_state()
         self.collected_in_slice = 0
+        if self._cut_at is not None:  # dlt loaded the last slice meanwhile
+            self.load_s = self.clock() - self._cut_at
 
     def _cut(self) -> Iterator[Any]:
-        """End the slice here if it holds ``records_per_load`` results and nothing is to do.
+        """End the slice here when dlt can load it while the jobs run.
 
-        Nothing to do: no finished job waiting and no free slot to fill (or nothing to fill
-        it with), so dlt loads the package while the jobs run. A slice twice that size ends
-        anyway, which bounds a package when jobs finish faster than rows are written.
+        That is when nothing is to do (no finished job waiting, no free slot to fill or
+        nothing to fill it with) and either the slice holds ``records_per_load`` results,
+        or the next job should end (by its estimate) later than the last load took, with a
+        margin: results reach the warehouse while jobs run, and a run's last load holds
+        only its last jobs' results. A slice twice ``records_per_load`` ends anyway, which
+        bounds a package when jobs finish faster than rows are written. No slice ends when
+        nothing is left to wait for: the run ends with it.
         """
         n, limit = self.collected_in_slice, self.records_per_load
-        if limit is None or n < limit:
+        if limit is None or n == 0:
             return
         sched = self.sched
+        if not (sched.waiting or self.to_send or self.pending.items):
+            return
         to_submit = bool(self.to_send) or len(self.pending.items) >= sched.records_per_job
         idle = not sched.has_ready and not (sched.has_free_slot and to_submit)
-        if idle or n >= 2 * limit:
+        if n >= 2 * limit or (
+            idle and (n >= limit or sched.quiet_for() >= _LOAD_MARGIN * self.load_s)
+        ):
             yield _CUT
 
     def _end_slice(self) -> Iterator[Any]:
@@ -545,11 +569,23 @@ class EnrichmentRun:
             # 3. read, submit, collect
             yield from self._read_and_submit(pipeline)
         # 4. wait for everything still running, resending while the budget lasts
+        sched = self.sched
         while True:
             self._send_entries()
-            self._submit_pending(self._cap_left())
+            # every free slot first: a job's turn must not wait for other jobs' rows
+            while self.pending.items and sched.has_free_slot and not self.to_send:
+                if not self._submit_pending(self._cap_left()):
+                    break
             yield from self._cut()
-            fin = self._await(self.sched.next_finished())
+            if (
+                self.pending.items
+                and not (self.to_send or sched.has_free_slot or sched.has_ready)
+                and sched.can_submit
+                and self._cap_left() > 0
+            ):
+                self._await(sched.wait_for_work())  # a slot for the rest, or rows to build
+                continue
+            fin = self._await(sched.next_finished())
             if fin is None:
                 break
             yield from self._settle(fin)
@@ -753,8 +789,14 @@ class EnrichmentRun:
                     else:
                         self._await(_steps(_STEPS_TO_SEND))  # as above
                         yield from self._settle(finished)
+                elif len(self.pending.items) < sched.settings.concurrent_jobs * per_job:
+                    break  # read on while waiting: a round's records ready when slots free
                 else:
-                    stopped = not self._submit_pending(per_job)  # waits for a slot
+                    # Nothing to do but wait: for a slot, or for a job's results (rows
+                    # built meanwhile), whichever comes first. Cannot submit: stop reading.
+                    self._await(sched.wait_for_work())
+                    if not sched.can_submit:
+                        stopped = True
                 yield from self._cut()
             self._progress()
             if stopped or not self.sched.can_submit:

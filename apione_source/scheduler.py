@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -68,11 +69,11 @@ _STOP_CHECK_SECONDS = 0.5
 # prediction leaves, or of the job's age.
 _FIRST_LOOK_SHARE = 0.5  # first look this far into the estimate: early enough to see
 # progress even when the estimate is too high or the job fast, late enough to measure it
-_LATE_SHARE = 0.03  # look this much after the predicted end, so the look sees it done
+_LATE_SHARE = 0.01  # look this much after the predicted end, so the look sees it done
 _SPREAD_SHARE = 0.08  # but no later than this much after the earliest end progress allows
 _MIN_AGE_SHARE = 0.05  # no two looks closer than this share of the job's age
 _AGE_SHARE = 0.5  # without progress to go by, wait this share of the job's age
-_JITTER = 0.02  # waits are stretched by up to this share (never shortened)
+_JITTER = 0.01  # waits are stretched by up to this share (never shortened)
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,11 @@ class JobScheduler:
         self._active = 0
         self._slot_freed = asyncio.Condition()
         self._pollers: dict[str, asyncio.Task[None]] = {}
+        self._pacers: dict[str, _Pacer] = {}  # of the jobs being polled
         self._slot_freed_for: set[str] = set()  # entries whose poller gave its slot back
         self._polling = 0  # pollers still running
         self._results_room = asyncio.Semaphore(_HELD_RESULTS)
+        self._news = asyncio.Event()  # set when a slot is freed or a finished job queued
 
     async def close(self) -> None:
         """Stop polling (jobs still running are carried over by the journal)."""
@@ -260,6 +263,7 @@ class JobScheduler:
         async with self._slot_freed:
             self._active -= 1
             self._slot_freed.notify()
+        self._news.set()
 
     async def _wait(self, seconds: float) -> bool:
         if seconds >= self.remaining:
@@ -297,7 +301,7 @@ class JobScheduler:
         # The job may exist and be billed; the run spends the entry (counted, resent).
         self.counters.lost_answers += 1
         self.counters.lost_records += len(entry.items)
-        self.finished.put_nowait(Finished(entry, LOST, error=str(exc)))
+        self._hand_over(Finished(entry, LOST, error=str(exc)))
         self._lost_streak += 1
         if self._lost_streak >= _MAX_LOST_STREAK:
             # Every resend may be billed: stop submitting until the next run.
@@ -369,6 +373,7 @@ class JobScheduler:
         # The job times out by the journal's time of its answer (see _look).
         timeout_at = self._answered(entry) + self.settings.job_timeout_seconds
         pacer = _Pacer(self.settings, self.rng, born, estimate, timeout_at)
+        self._pacers[entry.entry_id] = pacer
         self._polling += 1
         self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, pacer))
 
@@ -395,7 +400,7 @@ class JobScheduler:
                     # asking ApiOne.
                     by_webhook = await self._delivered(entry)
                     if by_webhook is not None:
-                        await self.finished.put(by_webhook)
+                        self._hand_over(by_webhook)
                         return
                     if grace_until is None:
                         grace_until = pacer.expected_end(self.clock()) + (
@@ -436,13 +441,14 @@ class JobScheduler:
                 not_found = 0
                 self._silent_since = None
                 if isinstance(seen, Finished):
-                    await self.finished.put(seen)
+                    self._hand_over(seen)
                     return
                 # The server answered somewhere between asking and now: halfway.
                 now = self.clock()
                 delay = pacer.next_wait(seen, (asked + now) / 2, now, self.wall_clock() - now)
         finally:
             self._polling -= 1
+            self._pacers.pop(entry.entry_id, None)
             await self._free_slot_of(entry)
 
     async def _delivered(self, entry: Entry) -> Finished | None:
@@ -559,6 +565,26 @@ class JobScheduler:
                 return self._taken(getter.result())
             getter.cancel()
 
+    def _hand_over(self, fin: Finished) -> None:
+        self.finished.put_nowait(fin)
+        self._news.set()
+
+    async def wait_for_work(self) -> None:
+        """Wait until a slot is free or a finished job waits (or nothing more may be sent).
+
+        Waiting for one of them, not for a slot alone: a job whose results arrive while
+        the run waits for a slot is turned into rows meanwhile.
+        """
+        while self.can_submit and not (self.has_ready or self.has_free_slot):
+            self._raise_poller_crash()
+            self._news.clear()
+            try:
+                await asyncio.wait_for(
+                    self._news.wait(), timeout=min(self.remaining, _STOP_CHECK_SECONDS)
+                )
+            except asyncio.TimeoutError:
+                continue
+
     def _raise_poller_crash(self) -> None:
         """Re-raise a bug in a poll task instead of silently carrying its job over."""
         for task in self._pollers.values():
@@ -574,6 +600,19 @@ class JobScheduler:
     def waiting(self) -> int:
         """Jobs not yet handed to the run: running, or done with results to fetch or take."""
         return self._polling + self.finished.qsize()
+
+    def quiet_for(self) -> float:
+        """Seconds until the next job should end, by its estimate: nothing comes before.
+
+        0 when a job is due, has no estimate (carried over: it may end any moment), or
+        has ended with its results still to fetch. Infinite when no job is polled.
+        """
+        now, soonest = self.clock(), math.inf
+        for entry_id, pacer in self._pacers.items():
+            if entry_id in self._slot_freed_for:
+                return 0.0
+            soonest = min(soonest, pacer.expected_end(now) - now)
+        return soonest
 
     @property
     def has_ready(self) -> bool:
@@ -618,7 +657,7 @@ class _Pacer:
 
     The sandbox and a fake with noisy, queued or wrong estimates (``benchmarks/
     measure_polling.py``) show 2 looks a job when the estimate is right, 3 when it is 3x
-    too low, and the end seen within ~3% of the job's duration.
+    too low, and the end seen within ~1% of the job's duration.
 
     Attributes:
         settings: The run's settings.

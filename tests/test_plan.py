@@ -192,7 +192,7 @@ def test_the_guardrail_keeps_loading_in_slices(make_env: Callable[..., Env]) -> 
     )
 
     (loads,) = env.query("SELECT count(*) FROM enriched._dlt_loads")[0]
-    assert loads >= 4  # 40 records, a package every 10: planning did not stop the slicing
+    assert loads >= 2  # 40 records, a package every 10 to 20: planning did not stop slicing
     assert billed(env.sandbox) == (4, 40)
 
 

@@ -219,3 +219,27 @@ def test_given_the_key_revoked_while_jobs_pile_up_then_the_run_fails_and_none_is
     usage = env.sandbox.usage()
     assert usage["records_billed"] == 3000 and max(usage["billed_per_key"].values()) == 1
     assert env.count(COMPANY.outcomes) == 3000
+
+
+def test_given_jobs_that_take_a_while_then_each_jobs_results_load_while_the_next_runs(
+    make_env: Callable[..., Env],
+) -> None:
+    """Results reach the warehouse while later jobs run, not all at the end of the run
+    (a package per job here: the next job ends later than a load takes); and the run
+    ends with its last results, not with a package of nothing."""
+    env = make_env(job_seconds_base=2.5)
+    env.insert_companies([(i, f"paced{i}.com") for i in range(20)])
+
+    env.run(records_per_job=10, concurrent_jobs=1)
+
+    loads = env.query("SELECT load_id, inserted_at FROM enriched._dlt_loads ORDER BY load_id")
+    outcomes = dict(
+        env.query(f"SELECT _dlt_load_id, count(*) FROM enriched.{COMPANY.outcomes} GROUP BY 1")
+    )
+    assert [outcomes.get(load_id) for load_id, _ in loads] == [10, 10]
+    (second_job_done,) = env.query(
+        f"SELECT max(completed_at) FROM enriched.{COMPANY.jobs} WHERE status = 'completed'"
+    )[0]
+    first_loaded = loads[0][1]
+    assert first_loaded < second_job_done.replace(tzinfo=first_loaded.tzinfo)
+    assert billed(env.sandbox) == (2, 20)
