@@ -528,6 +528,7 @@ class ApiOneClient(_ClientBase):
                 outcome: _M | ApiOneError = call.on_transport_error(exc)
             else:
                 outcome = call.on_response(response)
+                _let_go(response)
             if not isinstance(outcome, ApiOneError):
                 return outcome
             self._sleep(call.backoff(outcome))
@@ -596,6 +597,17 @@ class AsyncApiOneClient(_ClientBase):
                 outcome: _M | ApiOneError = call.on_transport_error(exc)
             else:
                 outcome = call.on_response(response)
+                _let_go(response)
             if not isinstance(outcome, ApiOneError):
                 return outcome
             await self._sleep(call.backoff(outcome))
+
+
+def _let_go(response: httpx.Response) -> None:
+    """Free ``response`` (its body read and parsed) once unreferenced, not at a GC pass.
+
+    httpx's response and its stream refer to each other, so each body would wait for the
+    cyclic collector, which a run calls rarely: 70 MB of result bodies held at 100k
+    records. The body is in ``response.content`` already; the stream is spent.
+    """
+    response.stream = httpx.ByteStream(b"")

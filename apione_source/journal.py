@@ -39,11 +39,14 @@ transitions through a :class:`JournalStore`. Both are small enough to test exhau
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from dlt.destinations.exceptions import DatabaseException
 
 from apione_source.errors import JournalCorruptError
 
@@ -76,6 +79,8 @@ COLUMNS = (
     "load_id",  # the load package a row's results or report travel in
     "written_at",  # unix seconds
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -584,6 +589,7 @@ class SqlStore:
         self._factory = client_factory
         self._table = table
         self._types = _TYPES.get(dialect, _DEFAULT_TYPES)
+        self._dialect = dialect
         self._client: Any = None
         self._ctx: AbstractContextManager[Any] | None = None
 
@@ -606,6 +612,21 @@ class SqlStore:
             self._ctx.__exit__(None, None, None)
             self._ctx = self._client = None
 
+    def checkpoint(self) -> None:
+        """DuckDB: write what loads appended into the database file, if nothing is open.
+
+        dlt leaves that to when the last connection closes, and until then DuckDB holds
+        the appended rows in memory: a run that loads in slices would hold every slice's.
+        Skipped (the close does it) while another transaction is open, e.g. the input
+        read from the same file.
+        """
+        if self._dialect != "duckdb" or self._client is None:
+            return
+        try:
+            self._client.execute_sql("CHECKPOINT")
+        except DatabaseException as exc:
+            logger.debug("no checkpoint now: %s", exc)
+
     @property
     def _qualified(self) -> str:
         return str(self._client.make_qualified_table_name(self._table))
@@ -625,22 +646,29 @@ class SqlStore:
     def read(  # noqa: D102
         self, scope: str, entry_ids: Sequence[str] | None = None, lean: bool = False
     ) -> list[dict[str, Any]]:
-        cols = [self._col(c) for c in COLUMNS]
-        if lean:
-            sent = ", ".join(f"'{e}'" for e in _SENT_EVENTS)
-            items = COLUMNS.index("items")
-            cols[items] = (
-                f"CASE WHEN {self._col('event')} IN ({sent}) THEN '' ELSE {cols[items]} END"
-            )
-        sql = f"SELECT {', '.join(cols)} FROM {self._qualified} WHERE {self._col('scope')} = %s"
+        cols = ", ".join(self._col(c) for c in COLUMNS)
         chunks: list[list[str]] = [[]]
         if entry_ids is not None:
             ids = list(entry_ids)
             chunks = [ids[i : i + _INSERT_CHUNK] for i in range(0, len(ids), _INSERT_CHUNK)]
         rows = []
         for chunk in chunks:
-            where = f" AND {self._col('entry_id')} IN ({', '.join(['%s'] * len(chunk))})"
-            with self._client.execute_query(sql + where if chunk else sql, scope, *chunk) as cur:
+            where = f"{self._col('scope')} = %s"
+            if chunk:
+                where += f" AND {self._col('entry_id')} IN ({', '.join(['%s'] * len(chunk))})"
+            sql, args = f"SELECT {cols} FROM {self._qualified} WHERE {where}", [scope, *chunk]
+            if lean:
+                # Two selects, not a CASE on the event: with a CASE DuckDB still reads
+                # every record of every batch sent (1M keys: 90 MB held, 0.2 s).
+                sent = ", ".join(f"'{e}'" for e in _SENT_EVENTS)
+                event = self._col("event")
+                blank = cols.replace(self._col("items"), "''")
+                sql = (
+                    f"SELECT {blank} FROM {self._qualified} WHERE {where} AND {event} IN "
+                    f"({sent}) UNION ALL {sql} AND ({event} IS NULL OR {event} NOT IN ({sent}))"
+                )
+                args += args
+            with self._client.execute_query(sql, *args) as cur:
                 rows += [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
         return rows
 

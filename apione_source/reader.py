@@ -325,6 +325,7 @@ class InputReader:
             cols = ", ".join([pk, *(f"i.{esc(c)}" for c in self.spec.columns.values())])
             fp = self.fingerprint(client, "i.")
             key, status, finished = esc("key"), esc("status"), esc("finished_at")
+            in_pk, in_fp = esc("input_pk"), esc("fp")
             order = (
                 f"COALESCE({esc('submitted_at')}, {finished}) DESC, {esc('attempt')} DESC, "
                 f"{finished} DESC"
@@ -338,11 +339,14 @@ class InputReader:
             sql = (
                 f"WITH latest AS (SELECT {key}, {status}, {finished}, ROW_NUMBER() OVER "
                 f"(PARTITION BY {key} ORDER BY {order}) AS rn FROM {outcomes}), "
-                f"fresh AS (SELECT {key} FROM latest WHERE rn = 1 AND ({checks})) "
-                f"SELECT {cols}, {fp} FROM {table} i WHERE NOT EXISTS ("
-                f"SELECT 1 FROM {inputs} s JOIN fresh f ON f.{key} = s.{key} "
-                f"WHERE s.{esc('input_pk')} = CAST({pk} AS VARCHAR) AND s.{esc('fp')} = {fp}) "
-                f"ORDER BY {pk}"
+                f"fresh AS (SELECT {key} FROM latest WHERE rn = 1 AND ({checks})), "
+                f"known AS (SELECT s.{in_pk}, s.{in_fp} FROM {inputs} s "
+                f"JOIN fresh f ON f.{key} = s.{key}) "
+                # an anti-join as a LEFT JOIN: DuckDB plans the correlated NOT EXISTS as a
+                # join that de-duplicates every input row first (1M rows: 180 MB more)
+                f"SELECT {cols}, {fp} FROM {table} i LEFT JOIN known k "
+                f"ON k.{in_pk} = CAST({pk} AS VARCHAR) AND k.{in_fp} = {fp} "
+                f"WHERE k.{in_pk} IS NULL ORDER BY {pk}"
             )
             if not exclude:  # a first run (or outcomes from before submitted_at): read all
                 sql, args = f"SELECT {cols}, {fp} FROM {table} i ORDER BY {pk}", []

@@ -443,7 +443,9 @@ class EnrichmentRun:
         lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
         stack.callback(lock.release)
         dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
-        store = stack.enter_context(SqlStore(pipeline.sql_client, names.journal, dialect))
+        store = self.store = stack.enter_context(
+            SqlStore(pipeline.sql_client, names.journal, dialect)
+        )
         load_id = dlt.current.load_package_state()["load_id"]
         self.journal = Journal(
             store, names.outcomes, pipeline.pipeline_name, load_id, self.wall_clock
@@ -474,6 +476,7 @@ class EnrichmentRun:
         self.state = dlt.current.resource_state()
         self.collected_in_slice = 0
         if self._cut_at is not None:  # dlt loaded the last slice meanwhile
+            self.store.checkpoint()
             self.load_s = self.clock() - self._cut_at
 
     def _cut(self) -> Iterator[Any]:
