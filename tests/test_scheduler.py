@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from datetime import datetime, timezone
@@ -234,6 +235,51 @@ def test_given_jobs_done_faster_than_the_run_takes_them_then_they_count_as_waiti
         return seen
 
     assert _run(go()) == [1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 0]
+
+
+def test_quiet_for_is_the_time_to_the_soonest_estimated_end_and_zero_once_one_is_due() -> None:
+    """What the run plans a load around: no job should end before ``quiet_for``."""
+    client, t = ScriptedClient([]), FakeTime()
+    sched = _scheduler(client, t, concurrent_jobs=3)
+
+    async def asleep(seconds: float) -> None:  # pollers stay in their first nap
+        await asyncio.Event().wait()
+
+    sched.sleep = asleep
+
+    async def go() -> list[float]:
+        seen = [sched.quiet_for()]  # nothing polled
+        client.estimate = 30
+        assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        t.now = 4.0
+        client.estimate = 10
+        assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        seen.append(sched.quiet_for())  # the second should end first: at 14
+        t.now = 20.0
+        seen.append(sched.quiet_for())  # it is due
+        await sched.close()
+        return seen
+
+    assert _run(go()) == [math.inf, 10.0, 0.0]
+
+
+def test_wait_for_work_ends_at_a_free_slot_or_a_finished_job_not_only_at_a_slot() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    client.estimate = 5
+    client.status_script = ["completed"]
+    sched = _scheduler(client, t, concurrent_jobs=1)
+
+    async def go() -> tuple[bool, bool]:
+        assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        assert not sched.has_free_slot
+        await asyncio.wait_for(sched.wait_for_work(), timeout=5)
+        ready_or_free = sched.has_ready or sched.has_free_slot
+        sched.submits_paused = True  # nothing more may be sent: returns at once
+        await asyncio.wait_for(sched.wait_for_work(), timeout=1)
+        await sched.close()
+        return ready_or_free, sched.can_submit
+
+    assert _run(go()) == (True, False)
 
 
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
