@@ -333,7 +333,6 @@ class EnrichmentRun:
         self.in_warehouse = False
         self._stack = ExitStack()
         self._body: Generator[Any, None, None] | None = None
-        self._ended = False  # the run body is done (its resources may still be held)
         self._closed = False
 
     # --- helpers ----------------------------------------------------------------------
@@ -399,13 +398,7 @@ class EnrichmentRun:
                         self._cut_at = self.clock()
                         return
                     yield item
-            self._ended = True
-            if self.records_per_load is None:
-                self.close()
-            # Sliced, run_enrichment closes the run once dlt loaded its last slice: the lock
-            # is held until then, and the connections stay open, so DuckDB writes its log
-            # into the database file once (when the last one closes), not twice.
-            #
+            self.close()
             # A run that could not do its job fails (so every orchestrator shows it red).
             # Its package is dropped; the journal holds everything the next run needs.
             signals.raise_if_signalled()
@@ -418,7 +411,7 @@ class EnrichmentRun:
     @property
     def finished(self) -> bool:
         """True once the run ended (or failed): nothing more to extract."""
-        return self._ended or self._closed
+        return self._closed
 
     def close(self) -> None:
         """Release what the run holds (lock, event loop, connections); idempotent."""
