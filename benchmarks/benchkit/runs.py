@@ -28,10 +28,6 @@ PIPELINE_NAME = "bench_enrich"
 # RAM, which it fills with cached pages of the tables it merges into). 256MB made a merge
 # fail with DuckDB's out-of-memory error at 1M records.
 DUCKDB_GLOBAL_CONFIG = json.dumps({"memory_limit": "1GB"})
-# dlt's load jobs one at a time, as the README recommends for DuckDB: its default of 20
-# in parallel holds each job's buffers at once in the one DuckDB process (100k: ~770 MB
-# peak against ~600 MB).
-LOAD_WORKERS = "1"
 CHILD_TIMEOUT_S = 4 * 3600.0
 
 
@@ -127,7 +123,6 @@ def connector_env(
             "DATASET": OUTPUT_DATASET,
             "DESTINATION__DUCKDB__CREDENTIALS": str(out_db),
             "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG": DUCKDB_GLOBAL_CONFIG,
-            "LOAD__WORKERS": LOAD_WORKERS,
             "SOURCES__APIONE__API_KEY": API_KEY,
             "SOURCES__APIONE__BASE_URL": base_url,
             "SOURCES__APIONE__PLAN": plan,
@@ -221,7 +216,6 @@ def run_baseline(connector: ConnectorRun, workdir: Path) -> BaselineRun:
         {
             "DESTINATION__DUCKDB__CREDENTIALS": str(out_db),
             "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG": DUCKDB_GLOBAL_CONFIG,
-            "LOAD__WORKERS": LOAD_WORKERS,
         },
     )
     cmd = [
