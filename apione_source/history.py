@@ -19,9 +19,12 @@ from typing import Any
 
 import dlt
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
+from dlt.destinations.impl.duckdb.sql_client import DuckDbSqlClient
 from dlt.destinations.sql_client import SqlClientBase
 
 from apione_source.tables import FINAL_STATUSES, TableNames
+
+_KEY_SEPARATOR = "\x1f"  # chr(31), the ASCII unit separator: keys with it go as a list
 
 LOADS_TABLE = "_dlt_loads"
 
@@ -142,10 +145,10 @@ def load_known_keys(
                 f" ORDER BY COALESCE({c['submitted_at']}, {c['finished_at']}), {c['attempt']}, "
                 f"{c['finished_at']}"
             )
-            sql, args = select + order, []
+            sql, args = select + order, []  # every key
             if keys is not None:
-                # one list parameter: 4x faster than IN with a parameter per key
-                sql, args = f"{select} WHERE {c['key']} = ANY(%s){order}", [list(keys)]
+                where, key_args = _any_key(client, c["key"], list(keys))
+                sql, args = f"{select} WHERE {where}{order}", key_args
             with client.execute_query(sql, *args) as cur:
                 while batch := cur.fetchmany(chunk_size):
                     for key, status, finished_at, job_id, input_pk, input_, sent in batch:
@@ -164,6 +167,18 @@ def load_known_keys(
         if must_exist:
             raise
     return known
+
+
+def _any_key(client: Any, column: str, keys: list[str]) -> tuple[str, list[Any]]:
+    """SQL for "``column`` is one of ``keys``" and its one parameter (4x a parameter per key).
+
+    On DuckDB the keys go as one string split in SQL: DuckDB binds a list parameter
+    element by element, 16x slower where numpy is not installed (a DuckDB deployment
+    need not have it): 0.6 s per 10,000 keys, a minute of a million-record run.
+    """
+    if isinstance(client, DuckDbSqlClient) and not any(_KEY_SEPARATOR in k for k in keys):
+        return f"{column} = ANY(string_split(%s, chr(31)))", [_KEY_SEPARATOR.join(keys)]
+    return f"{column} = ANY(%s)", [keys]
 
 
 def _fold(

@@ -8,6 +8,7 @@ asserts what was billed (the sandbox's counters) and what was read.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import dlt
 import duckdb
 import pytest
 
+from apione_source.history import load_known_keys
 from apione_source.models import EnrichmentType
 from apione_source.sandbox import Sandbox
 from apione_source.source import apione, run_enrichment, run_summaries
@@ -192,3 +194,36 @@ def test_given_a_row_rejected_then_fixed_back_to_its_old_value_then_its_rejectio
     assert third["rows_rejected"] == 0 and third["records_submitted"] == 0
     assert shared.exec(f"SELECT input_pk FROM enriched.{COMPANY.rejected}") == []
     assert shared.sandbox.usage()["records_billed"] == 2
+
+
+def test_key_lookups_in_duckdb_find_every_key_whatever_its_characters(tmp_path: Path) -> None:
+    """Keys go to DuckDB as one string split in SQL; a key holding the separator must
+    still be found (else it would look new, and be paid for again)."""
+    pipeline = dlt.pipeline(
+        pipeline_name="lookups",
+        destination=dlt.destinations.duckdb(str(tmp_path / "out.duckdb")),
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    keys = ["plain.com", "odd\x1fkey.com", "", "é.com"]
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rows = [
+        {
+            "key": k,
+            "status": "matched",
+            "finished_at": now,
+            "job_id": "job_1",
+            "input_pk": str(i),
+            "input": "{}",
+            "submitted_at": now,
+            "attempt": 1,
+        }
+        for i, k in enumerate(keys)
+    ]
+    pipeline.run(rows, table_name=COMPANY.outcomes)
+
+    plain = load_known_keys(pipeline, COMPANY, must_exist=True, keys=["plain.com", "é.com", ""])
+    odd = load_known_keys(pipeline, COMPANY, must_exist=True, keys=keys)
+
+    assert set(plain.keys) == {"plain.com", "é.com", ""}
+    assert set(odd.keys) == set(keys)
