@@ -10,6 +10,7 @@ One lock guards all mutable state; building large results bodies happens outside
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import json
 import math
@@ -117,6 +118,8 @@ class _Job:
     unknown_status: bool = False
     status_calls: int = 0  # authorized, unfaulted status calls naming this job
     results_body: bytes | None = None
+    # The results list, encoded while the job runs (see Engine.take_results_to_prepare).
+    results_json: bytes | None = None
     results_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def status(self, now: float) -> JobStatus:
@@ -208,6 +211,9 @@ class Engine:
         self._generation = 0
         self._last_now = float("-inf")
         self.webhook_signal = threading.Event()
+        # Jobs whose results are built ahead, by when (engine clock), in order.
+        self._to_prepare: list[tuple[float, int, _Job]] = []
+        self.prepare_signal = threading.Event()
         self._reset_counters()
 
     # --- time and bookkeeping ----------------------------------------------------------
@@ -319,6 +325,11 @@ class Engine:
             job = self._new_job(enrichment_type, records, keys, webhook_url, now)
             self._jobs[job.job_id] = job
             self._active.append(job)
+            if not job.failed:
+                # halfway through its work: ready when it completes, as ApiOne's are
+                half = job.started_at + (job.finished_at - job.started_at) / 2
+                heapq.heappush(self._to_prepare, (half, self._seq, job))
+                self.prepare_signal.set()
             if webhook_url is not None:
                 self._webhooks_pending.append(job)
                 self.webhook_signal.set()
@@ -478,7 +489,7 @@ class Engine:
                     409, "job_not_completed", f"job {job_id} is {status.value}; poll its status"
                 )
             if self._is_expired(job, now):
-                job.results_body = None  # the data is deleted, as in the real service
+                job.results_body = job.results_json = None  # deleted, as in the real service
                 return error_reply(
                     410, "results_expired", f"results of job {job_id} passed their retention"
                 )
@@ -491,12 +502,32 @@ class Engine:
     def _results_body(self, job: _Job, now: float) -> bytes:
         # Built once per job, outside the engine lock (1,000 records take a few ms), and
         # reused by every later call and by the webhook: the body of a finished job
-        # never changes.
+        # never changes. The results list was usually encoded while the job ran.
         with job.results_lock:
             if job.results_body is None:
-                body = {**self._job_view(job, now), "results": self._build_results(job)}
-                job.results_body = _json(body)
+                results = job.results_json or _json(self._build_results(job))
+                view = _json(self._job_view(job, now))  # an object: "{...}"
+                job.results_body = view[:-1] + b',"results":' + results + b"}"
+                job.results_json = None
             return job.results_body
+
+    def take_results_to_prepare(self) -> tuple[list[_Job], float | None]:
+        """Jobs whose results are due to be built now, and when the next one is.
+
+        Returns:
+            The jobs, and the engine-clock time of the next one (None: none left).
+        """
+        with self._lock:
+            now, due = self._now_locked(), []
+            while self._to_prepare and self._to_prepare[0][0] <= now:
+                due.append(heapq.heappop(self._to_prepare)[2])
+            return due, self._to_prepare[0][0] if self._to_prepare else None
+
+    def prepare_results(self, job: _Job) -> None:
+        """Encode ``job``'s results list ahead of its first results call."""
+        with job.results_lock:
+            if job.results_body is None and job.results_json is None and not job.expired:
+                job.results_json = _json(self._build_results(job))
 
     def _build_results(self, job: _Job) -> list[dict[str, Any]]:
         return self._drift(job, self._true_results(job))
@@ -604,7 +635,7 @@ class Engine:
             if job is None:
                 return False
             job.expired = True
-            job.results_body = None
+            job.results_body = job.results_json = None
             return True
 
     def reset_usage(self) -> None:

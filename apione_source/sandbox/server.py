@@ -42,6 +42,7 @@ from apione_source.settings import API_KEY_HEADER, get_plan
 
 _API = "/api/v1/async/"
 _CONTROL = "/_sandbox/"
+_PREPARE_IDLE_SECONDS = 0.5  # the results preparer's longest nap
 _MAX_BODY = 64 * 1024 * 1024  # far above 1,000 records; refuses absurd uploads
 # ``error.code`` of the answers the HTTP layer gives before a request reaches a route.
 _HTTP_ERROR_CODES = {
@@ -430,6 +431,7 @@ class Sandbox:
             jitter_seconds=webhook_jitter_seconds,
             seed=seed,
         )
+        self._preparer = _ResultsPreparer(self.engine)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -455,6 +457,7 @@ class Sandbox:
         )
         self._thread.start()
         self._dispatcher.start()
+        self._preparer.start()
         return self
 
     def stop(self) -> None:
@@ -469,6 +472,7 @@ class Sandbox:
             self._thread.join(timeout=5)
             self._thread = None
         self._dispatcher.stop()
+        self._preparer.stop()
 
     def __enter__(self) -> Sandbox:
         return self.start()
@@ -511,3 +515,47 @@ class Sandbox:
     def reset_usage(self) -> None:
         """Zero the usage counters."""
         self.engine.reset_usage()
+
+
+class _ResultsPreparer:
+    """Builds each job's results halfway through its work, in a thread of its own.
+
+    ApiOne has a job's results when it completes; built at the first results call
+    instead, 1,000 records took the sandbox ~25 ms each, one job after another, while
+    the other jobs' status calls waited: the sandbox, not the client, set the pace at the
+    end of every round of jobs.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name="apione-sandbox-results", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._engine.prepare_signal.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        engine, signal = self._engine, self._engine.prepare_signal
+        while not self._stop.is_set():
+            due, next_at = engine.take_results_to_prepare()
+            for job in due:
+                try:
+                    engine.prepare_results(job)
+                except Exception:
+                    # A sandbox bug: show it; the results call builds them instead.
+                    traceback.print_exc()
+            if not due:
+                wait = _PREPARE_IDLE_SECONDS if next_at is None else next_at - engine.now()
+                signal.wait(min(max(wait, 0.001), _PREPARE_IDLE_SECONDS))
+                signal.clear()
