@@ -325,8 +325,9 @@ class Engine:
             job = self._new_job(enrichment_type, records, keys, webhook_url, now)
             self._jobs[job.job_id] = job
             self._active.append(job)
-            if not job.failed:
+            if not job.failed and job.finished_at > job.started_at:
                 # halfway through its work: ready when it completes, as ApiOne's are
+                # (an instant job's are built when asked for, as before: no time to win)
                 half = job.started_at + (job.finished_at - job.started_at) / 2
                 heapq.heappush(self._to_prepare, (half, self._seq, job))
                 self.prepare_signal.set()
