@@ -176,6 +176,8 @@ def _any_key(client: Any, column: str, keys: list[str]) -> tuple[str, list[Any]]
     element by element, 16x slower where numpy is not installed (a DuckDB deployment
     need not have it): 0.6 s per 10,000 keys, a minute of a million-record run.
     """
+    if not keys:
+        return "1 = 0", []  # (split, an empty string would be the key '')
     if isinstance(client, DuckDbSqlClient) and not any(_KEY_SEPARATOR in k for k in keys):
         return f"{column} = ANY(string_split(%s, chr(31)))", [_KEY_SEPARATOR.join(keys)]
     return f"{column} = ANY(%s)", [keys]

@@ -625,7 +625,10 @@ class SqlStore:
         try:
             self._client.execute_sql("CHECKPOINT")
         except DatabaseException as exc:
-            logger.debug("no checkpoint now: %s", exc)
+            # another transaction open: expected; anything else (a full disk, say) is
+            # worth seeing, though the next journal write would fail on it anyway
+            busy = "Cannot CHECKPOINT" in str(exc)
+            logger.log(logging.DEBUG if busy else logging.WARNING, "no checkpoint: %s", exc)
 
     @property
     def _qualified(self) -> str:
