@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dlt
 import pytest
+from dlt.destinations.exceptions import DatabaseTransientException
 
 from apione_source.errors import JournalCorruptError
 from apione_source.journal import IN_FLIGHT, BatchItem, Journal, SqlStore
@@ -95,3 +96,46 @@ def test_given_more_open_entries_than_one_query_takes_when_opened_then_all_read(
 
     assert set(second.entries) == ids
     assert all(len(e.items) == 1 and e.phase == IN_FLIGHT for e in second.entries.values())
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (
+            "TransactionContext Error: Cannot CHECKPOINT: there are other write transactions",
+            "DEBUG",
+        ),
+        ("IO Error: No space left on device", "WARNING"),
+    ],
+)
+def test_given_a_checkpoint_fails_then_the_run_goes_on_and_only_a_real_failure_warns(
+    store: SqlStore,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    error: str,
+    level: str,
+) -> None:
+    """The CHECKPOINT after a slice's load is best effort: DuckDB refuses it while another
+    transaction is open (the input read from the same file); journal writes go on."""
+    journal = _first_run(store)
+    client = store._client
+    execute = client.execute_sql
+
+    def refusing(sql: str, *args: object) -> object:
+        if sql == "CHECKPOINT":
+            raise DatabaseTransientException(Exception(error))
+        return execute(sql, *args)
+
+    monkeypatch.setattr(client, "execute_sql", refusing)
+    with caplog.at_level("DEBUG", logger="apione_source.journal"):
+        store.checkpoint()  # never raises
+    (record,) = [r for r in caplog.records if "no checkpoint" in r.getMessage()]
+    assert record.levelname == level
+
+    entry_id = _sent(journal, 3, "job_after_refusal")
+    monkeypatch.undo()
+    store.checkpoint()  # a real one: done, and the journal reads back whole
+    reopened = _journal(store, "run2")
+    reopened.open(lambda loads: set())
+    assert reopened.entries[entry_id].phase == IN_FLIGHT
+    assert len(reopened.entries[entry_id].items) == 3
