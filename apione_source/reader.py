@@ -4,8 +4,9 @@ Why dlt's destination SQL clients (``dlt.dataset(...).sql_client``) and not
 ``sql_database.sql_table``: the same credentials and config that load into DuckDB,
 Postgres, Snowflake or BigQuery also read from them, with no extra SQLAlchemy dialect to
 install; identifiers are escaped and case-folded by the destination's own rules; and a
-plain DB-API cursor with ``fetchmany`` streams results on DuckDB, Snowflake and BigQuery
-(psycopg2 buffers a result client-side, which is why we select only the key columns).
+plain DB-API cursor with ``fetchmany`` streams results on Snowflake and BigQuery, and on
+DuckDB from a temporary table (see :func:`_chunks`); psycopg2 buffers a result
+client-side, which is why we select only the key columns.
 ``sql_table`` through sqlalchemy-bigquery also returns no rows on the BigQuery emulator
 we test against, while DB-API reads work there.
 
@@ -23,7 +24,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -32,7 +34,11 @@ from typing import Any
 import dlt
 from dlt.common.destination import Destination
 from dlt.common.destination.reference import TDestinationReferenceArg
-from dlt.destinations.exceptions import DatabaseTerminalException, DatabaseUndefinedRelation
+from dlt.destinations.exceptions import (
+    DatabaseException,
+    DatabaseTerminalException,
+    DatabaseUndefinedRelation,
+)
 from dlt.destinations.sql_client import SqlClientBase
 
 from apione_source.errors import ConfigurationError
@@ -350,8 +356,8 @@ class InputReader:
             )
             if not exclude:  # a first run (or outcomes from before submitted_at): read all
                 sql, args = f"SELECT {cols}, {fp} FROM {table} i ORDER BY {pk}", []
-            with client.execute_query(sql, *args) as cur:
-                while batch := cur.fetchmany(self.chunk_size):
+            with closing(_chunks(client, sql, args, self.chunk_size)) as chunks:
+                for batch in chunks:
                     yield [_to_candidate(r, fields) for r in batch]
 
     def rows(self, cursor_from: Any = None) -> Iterator[list[InputRow]]:
@@ -382,9 +388,44 @@ class InputReader:
                     args.append(cursor_from)
                 order.insert(0, cursor_col)
             sql += " ORDER BY " + ", ".join(order)
-            with client.execute_query(sql, *args) as cur:
-                while batch := cur.fetchmany(self.chunk_size):
+            with closing(_chunks(client, sql, args, self.chunk_size)) as chunks:
+                for batch in chunks:
                     yield [_to_row(r, fields, self.spec.cursor_column is not None) for r in batch]
+
+
+def _chunks(
+    client: SqlClientBase[Any], sql: str, args: list[Any], size: int
+) -> Generator[Sequence[Sequence[Any]], None, None]:
+    """The rows of ``sql`` in chunks of ``size``, in the query's order.
+
+    On DuckDB the result is first kept in a temporary table and read from there. A read
+    holds its transaction until its last row, the whole run for a big input; and while it
+    is open on the database the run loads into, DuckDB refuses to CHECKPOINT once a load
+    has changed a table, so every row loaded meanwhile stays in memory (1M records:
+    +700 MB). A temporary table is no part of that database, and DuckDB spills it to disk
+    beyond its ``memory_limit``; an ``ORDER BY`` already holds the whole result anyway.
+    """
+    if _dialect(client) != "duckdb":
+        with client.execute_query(sql, *args) as cur:
+            while batch := cur.fetchmany(size):
+                yield batch
+        return
+    # A scan returns rows in insertion order unless that is switched off; sorting again
+    # would hold a second copy of the whole result for the whole read (1M rows: 130 MB).
+    with client.execute_query("SELECT current_setting('preserve_insertion_order')") as cur:
+        keep_order = bool(cur.fetchone()[0])  # type: ignore[index]  # one row, always
+    name = f"temp.main._apione_read_{uuid.uuid4().hex}"
+    scan = f"SELECT * FROM {name}" + ("" if keep_order else " ORDER BY rowid")
+    client.execute_sql(f"CREATE TEMPORARY TABLE {name} AS {sql}", *args)
+    try:
+        with client.execute_query(scan) as cur:
+            while batch := cur.fetchmany(size):
+                yield batch
+    finally:
+        try:
+            client.execute_sql(f"DROP TABLE IF EXISTS {name}")
+        except DatabaseException as exc:  # the connection failed: keep the read's error
+            logger.debug("temporary table %s not dropped: %s", name, exc)
 
 
 def _to_row(raw: Sequence[Any], fields: list[str], has_cursor: bool) -> InputRow:
@@ -411,7 +452,7 @@ def _columns_of(client: SqlClientBase[Any], qualified_table: str) -> set[str]:
 def _location(client: SqlClientBase[Any]) -> tuple[Any, ...] | None:
     """Which database a client talks to, where that can be told for sure (else None)."""
     creds = client.credentials
-    dialect = type(client).__module__.split(".")[-2]  # dlt.destinations.impl.<dialect>....
+    dialect = _dialect(client)
     if dialect == "duckdb":
         database = getattr(creds, "database", None)
         if isinstance(database, str) and database not in ("", ":memory:", ":external:"):
@@ -421,3 +462,7 @@ def _location(client: SqlClientBase[Any]) -> tuple[Any, ...] | None:
         if all(parts):
             return ("postgres", *parts)
     return None
+
+
+def _dialect(client: SqlClientBase[Any]) -> str:
+    return type(client).__module__.split(".")[-2]  # dlt.destinations.impl.<dialect>....

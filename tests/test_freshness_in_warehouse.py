@@ -15,9 +15,11 @@ from typing import Any
 import dlt
 import duckdb
 import pytest
+from dlt.destinations.impl.duckdb.configuration import DuckDbCredentials
 
 from apione_source.history import load_known_keys
 from apione_source.models import EnrichmentType
+from apione_source.reader import Freshness, InputReader, InputSpec
 from apione_source.sandbox import Sandbox
 from apione_source.source import apione, run_enrichment, run_summaries
 from apione_source.tables import TableNames
@@ -227,3 +229,41 @@ def test_key_lookups_in_duckdb_find_every_key_whatever_its_characters(tmp_path: 
 
     assert set(plain.keys) == {"plain.com", "é.com", ""}
     assert set(odd.keys) == set(keys)
+
+
+@pytest.mark.parametrize("keep_order", [True, False], ids=["insertion-order", "no-order"])
+def test_reading_the_input_lets_duckdb_checkpoint_what_loads_meanwhile(
+    tmp_path: Path, keep_order: bool
+) -> None:
+    """A run reads its input while it loads into the same file. A read left open on the
+    database makes DuckDB refuse every CHECKPOINT once a load changed a table, and keep
+    all that was loaded in memory; the rows still come whole and in key order."""
+    path, n = tmp_path / "warehouse.duckdb", 300_000
+    con = duckdb.connect(str(path))
+    con.execute("CREATE SCHEMA crm; CREATE TABLE crm.companies(id INT, domain VARCHAR)")
+    # more than one row group (122,880 rows): DuckDB may then scan them in any order
+    con.execute(f"INSERT INTO crm.companies SELECT {n} - range, 'd' || range FROM range({n})")
+    con.close()
+    config = {"preserve_insertion_order": keep_order}
+    destination = dlt.destinations.duckdb(DuckDbCredentials(str(path), global_config=config))
+    reader = InputReader(
+        InputSpec(destination, "crm", "companies", "id", {"domain": "domain"}), chunk_size=50_000
+    )
+    fresh = Freshness("enriched", COMPANY.outcomes, COMPANY.inputs, {})
+    loads = dlt.pipeline(
+        pipeline_name="loads",
+        destination=destination,
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    read: list[str | None] = []
+    with loads.sql_client() as client:
+        for reads in (reader.candidates(fresh), reader.rows()):
+            for i, chunk in enumerate(reads):
+                read += [row.pk for row in chunk]
+                if i == 1:  # mid-read: a load changes a table, then DuckDB checkpoints
+                    loads.run([{"n": i}], table_name="loaded")
+                    client.execute_sql("CHECKPOINT")
+        left = client.execute_sql("SELECT table_name FROM duckdb_tables() WHERE temporary")
+    assert read == [str(pk) for pk in range(1, n + 1)] * 2
+    assert left == []  # nothing of the reads stays behind

@@ -11,7 +11,7 @@ import pytest
 from dlt.destinations.exceptions import DatabaseTransientException
 
 from apione_source.errors import JournalCorruptError
-from apione_source.journal import IN_FLIGHT, BatchItem, Journal, SqlStore
+from apione_source.journal import COLUMNS, IN_FLIGHT, BatchItem, Journal, SqlStore
 
 SCOPE = "apione_companies_outcomes"
 
@@ -139,3 +139,33 @@ def test_given_a_checkpoint_fails_then_the_run_goes_on_and_only_a_real_failure_w
     reopened.open(lambda loads: set())
     assert reopened.entries[entry_id].phase == IN_FLIGHT
     assert len(reopened.entries[entry_id].items) == 3
+
+
+@pytest.mark.parametrize("dialect", ["duckdb", "postgres"], ids=["arrow", "parameters"])
+def test_rows_read_back_exactly_as_written(tmp_path: Path, dialect: str) -> None:
+    """On DuckDB the rows go in as one arrow table, elsewhere as parameters: the same
+    values come back either way, awkward text and big numbers included."""
+    pipeline = dlt.pipeline(
+        "journal_rows",
+        destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    rows = [
+        {
+            **dict.fromkeys(COLUMNS, ""),
+            "entry_id": f"e'{i}",
+            "seq": 2**62 + i,
+            "gen": i,
+            "scope": SCOPE,
+            "error": 'it\'s "quoted", é, 日本, \\n, %s, ?',
+            "items": '[["a.com", {"domain": "a.com"}, ["1"], 1]]',
+            "written_at": 1795943834.123456 + i,
+        }
+        for i in range(3)
+    ]
+    with SqlStore(pipeline.sql_client, "_apione_journal", dialect) as store:
+        store.append(rows)
+        store.append(rows[:1])
+        back = store.read(SCOPE)
+    assert sorted(back, key=lambda r: r["gen"]) == [rows[0], rows[0], *rows[1:]]
