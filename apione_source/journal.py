@@ -621,10 +621,11 @@ class SqlStore:
     def checkpoint(self) -> None:
         """DuckDB: write what loads appended into the database file, if nothing is open.
 
-        dlt leaves that to when the last connection closes, and until then DuckDB holds
-        the appended rows in memory: a run that loads in slices would hold every slice's.
-        Skipped (the close does it) while another transaction is open, e.g. the input
-        read from the same file.
+        dlt leaves that to when the last connection closes (its ``checkpoint_threshold``
+        is 1 GB of log), and until then DuckDB holds the appended rows in memory: a run
+        that loads in slices would hold every slice's. Skipped (the close does it) while
+        another transaction is open on the database; the input is read from a temporary
+        table for that reason (:func:`apione_source.reader._chunks`).
         """
         if self._dialect != "duckdb" or self._client is None:
             return
