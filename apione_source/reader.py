@@ -356,7 +356,8 @@ class InputReader:
             )
             if not exclude:  # a first run (or outcomes from before submitted_at): read all
                 sql, args = f"SELECT {cols}, {fp} FROM {table} i ORDER BY {pk}", []
-            with closing(_chunks(client, sql, args, self.chunk_size)) as chunks:
+            width = len(fields) + 2  # pk, the input columns, the fingerprint
+            with closing(_chunks(client, sql, args, width, self.chunk_size)) as chunks:
                 for batch in chunks:
                     yield [_to_candidate(r, fields) for r in batch]
 
@@ -371,7 +372,7 @@ class InputReader:
         cursor_from = decode_cursor(cursor_from)
         fields = list(self.spec.columns)
         with self._client() as client:
-            sql, _ = self._select(client)
+            sql, names = self._select(client)
             args: list[Any] = []
             order = [client.escape_column_name(self.spec.primary_key)]
             if self.spec.cursor_column:
@@ -388,15 +389,15 @@ class InputReader:
                     args.append(cursor_from)
                 order.insert(0, cursor_col)
             sql += " ORDER BY " + ", ".join(order)
-            with closing(_chunks(client, sql, args, self.chunk_size)) as chunks:
+            with closing(_chunks(client, sql, args, len(names), self.chunk_size)) as chunks:
                 for batch in chunks:
                     yield [_to_row(r, fields, self.spec.cursor_column is not None) for r in batch]
 
 
 def _chunks(
-    client: SqlClientBase[Any], sql: str, args: list[Any], size: int
+    client: SqlClientBase[Any], sql: str, args: list[Any], width: int, size: int
 ) -> Generator[Sequence[Sequence[Any]], None, None]:
-    """The rows of ``sql`` in chunks of ``size``, in the query's order.
+    """The rows of ``sql`` (``width`` columns) in chunks of ``size``, in the query's order.
 
     On DuckDB the result is first kept in a temporary table and read from there. A read
     holds its transaction until its last row, the whole run for a big input; and while it
@@ -416,7 +417,12 @@ def _chunks(
         keep_order = bool(cur.fetchone()[0])  # type: ignore[index]  # one row, always
     name = f"temp.main._apione_read_{uuid.uuid4().hex}"
     scan = f"SELECT * FROM {name}" + ("" if keep_order else " ORDER BY rowid")
-    client.execute_sql(f"CREATE TEMPORARY TABLE {name} AS {sql}", *args)
+    # columns by position, so that an input column named `rowid` cannot stand in for
+    # DuckDB's own row number above
+    aliases = ", ".join(f"c{i}" for i in range(width))
+    client.execute_sql(
+        f"CREATE TEMPORARY TABLE {name} AS SELECT * FROM ({sql}) AS q({aliases})", *args
+    )
     try:
         with client.execute_query(scan) as cur:
             while batch := cur.fetchmany(size):

@@ -237,17 +237,18 @@ def test_reading_the_input_lets_duckdb_checkpoint_what_loads_meanwhile(
 ) -> None:
     """A run reads its input while it loads into the same file. A read left open on the
     database makes DuckDB refuse every CHECKPOINT once a load changed a table, and keep
-    all that was loaded in memory; the rows still come whole and in key order."""
+    all that was loaded in memory; the rows still come whole and in key order (also
+    with an input column named like DuckDB's own row number)."""
     path, n = tmp_path / "warehouse.duckdb", 300_000
     con = duckdb.connect(str(path))
-    con.execute("CREATE SCHEMA crm; CREATE TABLE crm.companies(id INT, domain VARCHAR)")
+    con.execute("CREATE SCHEMA crm; CREATE TABLE crm.companies(id INT, rowid VARCHAR)")
     # more than one row group (122,880 rows): DuckDB may then scan them in any order
     con.execute(f"INSERT INTO crm.companies SELECT {n} - range, 'd' || range FROM range({n})")
     con.close()
     config = {"preserve_insertion_order": keep_order}
     destination = dlt.destinations.duckdb(DuckDbCredentials(str(path), global_config=config))
     reader = InputReader(
-        InputSpec(destination, "crm", "companies", "id", {"domain": "domain"}), chunk_size=50_000
+        InputSpec(destination, "crm", "companies", "id", {"domain": "rowid"}), chunk_size=50_000
     )
     fresh = Freshness("enriched", COMPANY.outcomes, COMPANY.inputs, {})
     loads = dlt.pipeline(
