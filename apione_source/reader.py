@@ -403,8 +403,8 @@ def _chunks(
     holds its transaction until its last row, the whole run for a big input; and while it
     is open on the database the run loads into, DuckDB refuses to CHECKPOINT once a load
     has changed a table, so every row loaded meanwhile stays in memory (1M records:
-    +700 MB). A temporary table is no part of that database, and DuckDB spills it to disk
-    beyond its ``memory_limit``; an ``ORDER BY`` already holds the whole result anyway.
+    +700 MB). A temporary table is no part of that database, and it costs about the
+    memory the ``ORDER BY`` held for the whole read anyway (1M rows: 90 against 130 MB).
     """
     if _dialect(client) != "duckdb":
         with client.execute_query(sql, *args) as cur:
