@@ -1358,3 +1358,38 @@ def test_cli_prints_url_and_stops_on_sigterm(bare: httpx.Client) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_results_built_halfway_through_a_job_are_those_built_when_asked(
+    fake_clock: Any,
+) -> None:
+    """The sandbox builds a job's results halfway through its work (as ApiOne has them
+    when a job completes): the answer is byte for byte the one built at the call."""
+
+    def engine_with_a_job() -> tuple[Any, str]:
+        # not started: no threads, the test drives the preparer's steps itself
+        engine = Sandbox(
+            seed=3, job_seconds_base=10, record_error_rate=0.2, clock=fake_clock
+        ).engine
+        body = json.dumps({"type": "company", "records": domains(50)}).encode()
+        reply = engine.submit(engine.config.api_key, body)
+        assert reply.status == 200
+        return engine, json.loads(reply.body)["job_id"]
+
+    start = fake_clock.now
+    ahead, ahead_id = engine_with_a_job()
+    asked, asked_id = engine_with_a_job()
+    due, next_at = ahead.take_results_to_prepare()
+    assert due == [] and next_at == start + 5  # halfway through its 10 s
+    fake_clock.advance(5)
+    (job,) = ahead.take_results_to_prepare()[0]
+    ahead.prepare_results(job)
+    assert job.results_json is not None and job.results_body is None
+    fake_clock.advance(5)
+
+    answer = ahead.results(ahead.config.api_key, ahead_id)
+    assert answer.status == 200
+    built_at_the_call = asked.results(asked.config.api_key, asked_id).body
+    # the same seed and clock: the same job but for its (random) id
+    assert answer.body.replace(ahead_id.encode(), asked_id.encode()) == built_at_the_call
+    assert job.results_json is None  # spent into the body, not held twice
