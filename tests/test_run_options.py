@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import threading
 import time
@@ -243,3 +244,31 @@ def test_given_jobs_that_take_a_while_then_each_jobs_results_load_while_the_next
     first_loaded = loads[0][1]
     assert first_loaded < second_job_done.replace(tzinfo=first_loaded.tzinfo)
     assert billed(env.sandbox) == (2, 20)
+
+
+def test_given_a_run_when_it_ends_then_the_process_has_its_own_collector_settings_back(
+    make_env: Callable[..., Env], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run collects garbage less often while it runs (a big run allocates millions of
+    rows), and only then: the process it runs in (an orchestrator's worker) keeps its own."""
+    env = make_env()
+    env.insert_companies([(i, f"gc{i}.com") for i in range(30)])
+    seen: list[tuple[int, int, int]] = []
+    submit = JobScheduler.submit
+
+    async def recording(self: JobScheduler, *args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.get_threshold())
+        return await submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobScheduler, "submit", recording)
+    before = gc.get_threshold()
+    gc.set_threshold(1234, *before[1:])
+    try:
+        env.run(records_per_job=10)
+        after = gc.get_threshold()
+    finally:
+        gc.set_threshold(*before)
+
+    assert len(seen) == 3
+    assert all(t[0] >= 100_000 and t[1:] == before[1:] for t in seen)
+    assert after == (1234, *before[1:])
