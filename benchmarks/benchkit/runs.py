@@ -86,6 +86,7 @@ class ConnectorRun:
     run_s: float  # the script itself, after interpreter start-up and imports
     process: ChildRun
     imports_s: float
+    write_s: float  # of run_s: dlt's normalize and load steps, the connector's checkpoints
     usage: Usage
     rows: dict[str, int]
     sandbox_cpu_s: float
@@ -180,6 +181,7 @@ def run_connector(
         run_s=float(timing["run_s"]),
         process=proc,
         imports_s=float(timing["imports_s"]),
+        write_s=float(timing["write_s"]),
         usage=Usage.from_doc(sandbox.usage()),
         rows=row_counts(out_db),
         sandbox_cpu_s=0.0,  # known once the sandbox process has exited

@@ -216,6 +216,15 @@ def throughput_figures(
     rep.at_least(
         scenario, "speed vs dlt arrow+parquet", ratio, "x", BASELINE_RATIO, f">= {BASELINE_RATIO}x"
     )
+    # The write path alone: what the connector spends in dlt's normalize and load steps
+    # and its checkpoints, against dlt's whole fastest path (which also writes the files).
+    rep.info(scenario, "connector write seconds", median([c.write_s for c in conns]), "s")
+    rep.info(
+        scenario,
+        "write path vs dlt arrow+parquet",
+        median([b.run_s / max(c.write_s, 1e-9) for b, c in zip(bases, conns, strict=True)]),
+        "x",
+    )
     rep.info(scenario, "API-limit records/s", n / median([a.run_s for a in apis]), "rec/s")
     api_ratio = median([a.run_s / c.run_s for a, c in zip(apis, conns, strict=True)])
     rep.at_most(
