@@ -327,7 +327,12 @@ class JobScheduler:
             return "wait", exc.retry_after or 1.0
         if isinstance(exc, RetryableError):  # the client's own retries ran out
             self._note_silence(exc)
-            return "wait", exc.retry_after or self.settings.poll_max_seconds / 4
+            wait = exc.retry_after or self.settings.poll_max_seconds / 4
+            if self._silent_since is not None:
+                # look once more when the silence reaches the bound, not a wait after it
+                deadline = self._silent_since + self.settings.unreachable_seconds
+                wait = min(wait, max(0.0, deadline - self.clock()))
+            return "wait", wait
         # A 400 (or 404 on the route) is about the request, not the records: the next
         # batch would be refused the same way, and the records go out on a later run.
         raise RequestRefusedError(
