@@ -67,6 +67,8 @@ class TableNames:
         self.outcomes = f"{self.enrichment}_outcomes"
         self.rejected = f"{self.enrichment}_rejected"
         self.inputs = f"{self.enrichment}_inputs"
+        # Loaded with plain append: a job's rows go in together (apione_source.repair).
+        self.appended = [self.outcomes, *self.lists.values()]
         # Not a dlt table: the job journal, written through the SQL client (journal.py).
         self.journal = f"_{prefix}journal"
 
@@ -334,10 +336,10 @@ def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> N
         names.enrichment: (enrichment, "key"),
         names.jobs: (merge, "job_id"),
         names.runs: ("append", ["load_id", "type"]),  # one row per load: nothing to merge
-        names.outcomes: (merge, "outcome_id"),
+        names.outcomes: ("append", "outcome_id"),  # a job's rows once: repair.py
         names.rejected: (merge, "input_pk"),
         names.inputs: (merge, "input_pk"),
-        **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
+        **{table: ("append", ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
     kinds = table_kinds(names)
     for table, columns in table_columns(names).items():

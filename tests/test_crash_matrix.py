@@ -52,6 +52,9 @@ MERGE_KEYS = {
     COMPANY.outcomes: "outcome_id",
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
+    # appended, not merged: a job's elements must still be there once
+    **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
+    COMPANY.runs: "_dlt_id",
 }
 CHILD_TABLES = (f"{COMPANY.enrichment}_tags", f"{COMPANY.enrichment}_technologies")
 
@@ -214,6 +217,7 @@ class Case:
     sandbox: dict[str, Any] = field(default_factory=dict)
     crash_after: int | None = None
     crash_table: str | None = None
+    crash_at: str | None = None  # the runner's phase, when the case's name is not one
 
 
 # Seed 360 fails exactly the 2nd job of the first 11 at failure_rate 0.3; the results of
@@ -234,6 +238,12 @@ CASES = {
     # the insert of the enrichment rows into the staging dataset committed, dlt did not
     # record it: resuming the package runs it again
     "load_committed": Case(crash_table=COMPANY.enrichment),
+    # the same for tables dlt appends to: resuming the package puts the rows in again
+    "load_committed_outcomes": Case(crash_table=COMPANY.outcomes, crash_at="load_committed"),
+    "load_committed_list": Case(
+        crash_table=f"{COMPANY.enrichment}_tags", crash_at="load_committed"
+    ),
+    "load_committed_runs": Case(crash_table=COMPANY.runs, crash_at="load_committed"),
 }
 # dlt 1.31 (a residual of dlt-hub/dlt#3023): a job that committed just before a SIGKILL,
 # before dlt recorded it, runs again when the package is resumed, so a staging table holds
@@ -288,7 +298,7 @@ def check_after_crash(phase: str, sb: Sandbox, dest: Dest) -> int:
         assert all(e.unreported for e in entries if e.spent)
         assert journaled <= created
         assert COMPANY.outcomes not in dest.tables()
-    elif phase in ("collected", "normalize", "load", "load_committed"):
+    elif phase in ("collected", "normalize", "load") or phase.startswith("load_committed"):
         # everything was fetched into one extracted package that is not loaded
         assert journaled == created
         assert phases == {IN_FLIGHT: len(created)}
@@ -322,7 +332,7 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
         workdir,
         sb,
         warehouse,
-        crash_at=phase,
+        crash_at=case.crash_at or phase,
         crash_after=case.crash_after,
         crash_table=case.crash_table,
     )

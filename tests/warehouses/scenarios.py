@@ -58,6 +58,21 @@ def assert_no_duplicate_keys(env: Env, table: str = COMPANY.enrichment) -> None:
     assert total == distinct, f"{table} has {total - distinct} duplicate key row(s)"
 
 
+def assert_each_job_row_once(env: Env) -> None:
+    """The appended tables: no outcome, no list element of a job, twice."""
+    keys = {
+        COMPANY.outcomes: "outcome_id",
+        TAGS: "key, job_id, idx",
+        TECHNOLOGIES: "key, job_id, idx",
+    }
+    for table, key in keys.items():
+        twice = env.query(
+            f"SELECT count(*) FROM (SELECT {key} FROM {env.out(table)} GROUP BY {key} "
+            "HAVING count(*) > 1) d"
+        )
+        assert twice == [(0,)], f"{table}: {twice[0][0]} row(s) twice"
+
+
 def assert_dbt_style_join(env: Env, expected_keys: dict[str, str]) -> None:
     """The README's current-status join (input -> latest outcome -> enrichment), as written.
 
@@ -283,13 +298,8 @@ class KillScenarios:
     input_wh: ClassVar[str]
     output_wh: ClassVar[str]
 
-    @pytest.mark.parametrize("kill_at", KILL_POINTS)
-    def test_a_killed_worker_then_a_fresh_disk_converge_without_paying_twice(
-        self, make_env: Callable[..., Env], tmp_path: Path, kill_at: str
-    ) -> None:
-        # a third of the jobs fail (reproducibly, from the seed): resends happen
-        env = make_env(self.input_wh, self.output_wh, failure_rate=0.35, seed=4)
-        env.insert_companies([(i, f"kill{i}.com") for i in range(50)])
+    def _worker(self, env: Env, pipelines_dir: Path, kill_at: str | None) -> Any:
+        """Run ``kill_runner.py`` on its own pipelines dir (another machine's disk)."""
         source = {
             "api_key": SANDBOX_API_KEY,
             "base_url": env.sandbox.base_url,
@@ -305,16 +315,25 @@ class KillScenarios:
         spec = {
             "pipeline": env.pipeline.pipeline_name,
             "dataset": env.output_dataset,
-            "pipelines_dir": str(tmp_path / "worker_1"),
+            "pipelines_dir": str(pipelines_dir),
             "destination": env.output_wh.kind,
             "credentials": env.output_wh.credentials,
             "source": source,
             "kill_at": kill_at,
         }
         runner = Path(__file__).with_name("kill_runner.py")
-        worker = subprocess.run(
+        return subprocess.run(
             [sys.executable, str(runner), json.dumps(spec)], capture_output=True, text=True
         )
+
+    @pytest.mark.parametrize("kill_at", KILL_POINTS)
+    def test_a_killed_worker_then_a_fresh_disk_converge_without_paying_twice(
+        self, make_env: Callable[..., Env], tmp_path: Path, kill_at: str
+    ) -> None:
+        # a third of the jobs fail (reproducibly, from the seed): resends happen
+        env = make_env(self.input_wh, self.output_wh, failure_rate=0.35, seed=4)
+        env.insert_companies([(i, f"kill{i}.com") for i in range(50)])
+        worker = self._worker(env, tmp_path / "worker_1", kill_at)
         assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
 
         # the next worker starts on an empty disk (env.pipeline's dir was never used)
@@ -340,5 +359,27 @@ class KillScenarios:
         assert {s for _, s in latest} <= {"matched", "not_found", "invalid", "error"}
         assert len(latest) == 50, "a row has two latest outcomes"
         assert_no_duplicate_keys(env)
+        assert_each_job_row_once(env)
         journal = env.query(f"SELECT count(*) FROM {env.out(COMPANY.journal)}")
         assert journal == [(0,)], "the journal still has open entries"
+
+    def test_a_package_loaded_after_another_worker_collected_its_jobs_leaves_no_row_twice(
+        self, make_env: Callable[..., Env], tmp_path: Path
+    ) -> None:
+        env = make_env(self.input_wh, self.output_wh)
+        env.insert_companies([(i, f"late{i}.com") for i in range(30)])
+        # worker 1 dies before its load: its package waits on its disk
+        worker = self._worker(env, tmp_path / "worker_1", "load:1:before")
+        assert worker.returncode == -signal.SIGKILL, worker.stdout + worker.stderr
+        # another worker (an empty disk) collects the same jobs again and loads them
+        env.run(records_per_job=10)
+        assert env.query(f"SELECT count(*) FROM {env.out(COMPANY.outcomes)}") == [(30,)]
+        # worker 1 comes back and loads its package: the jobs keep one set of rows
+        back = self._worker(env, tmp_path / "worker_1", None)
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert env.query(f"SELECT count(*) FROM {env.out(COMPANY.outcomes)}") == [(30,)]
+        assert_each_job_row_once(env)
+        assert_no_duplicate_keys(env)
+        assert env.sandbox.usage()["records_billed"] == 30
+        journal = env.query(f"SELECT count(*) FROM {env.out(COMPANY.journal)}")
+        assert journal == [(0,)], "the journal still has entries or markers"
