@@ -18,7 +18,7 @@ together across resends; each resend is a new generation ``g`` of the same entry
     job(g) ──► joined            input rows that arrived later for a key in flight
 
 Besides entries, a *marker* row (``resumed``, entry id ``resumed:<load id>``) names a load
-package that a run resumed after a crash: once that load completed, the rows of its jobs
+package that a run resumes after a crash: once that load completed, the rows of its jobs
 are repaired (:func:`apione_source.repair.repair_load`) and the marker deleted, by that run
 or, if it died first, by the next one that opens the journal.
 
@@ -30,7 +30,8 @@ Why it is safe under a kill anywhere:
   nor handled again once replaced.
 * ``collected``/``spent`` rows name the load package that carries their rows; they count
   only once dlt marked that load completed (``_dlt_loads``). Until then a collected job is
-  fetched again and a spent job's report is written again (both merge idempotently).
+  fetched again and a spent job's report is written again (what the unfinished load wrote
+  of it is deleted first: :mod:`apione_source.repair`).
 * The table lives in the destination dataset, beside dlt's own state, so a run on an
   empty disk (a new container, a wiped pipelines dir) knows every paid job.
 * The journal is keyed by *scope* (the outcomes table), not by pipeline: two pipeline
@@ -426,8 +427,8 @@ class Journal:
             completed: Given load ids, returns those whose load completed at the
                 destination.
             repair: Repairs the rows of a resumed package's load id (see
-                :func:`mark_resumed`); a marker whose load completed is repaired first, then
-                forgotten.
+                :func:`mark_resumed`); markers are forgotten, those whose load completed
+                once it is repaired.
         """
         # Lean first: most entries are finished (their results are loaded), and their
         # records, most of the journal's bytes, need not be read at all.
@@ -440,10 +441,12 @@ class Journal:
             for s in e.spent:
                 loads |= s.loads
         done_loads = completed(loads) if loads else set()
-        if repair is not None and resumed & done_loads:
+        if repair is not None and resumed:
             for load_id in sorted(resumed & done_loads):
                 repair(load_id)
-            forget_resumed(self.store, self.scope, resumed & done_loads)
+            # A marker of a load that did not complete is stale: its package was lost, or
+            # is still pending where it was made, and whoever resumes it marks it again.
+            forget_resumed(self.store, self.scope, resumed)
         finished = {e.entry_id for e in lean.values() if _settle(e, done_loads)}
         if finished:
             self.store.delete(self.scope, sorted(finished))

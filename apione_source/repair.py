@@ -8,19 +8,20 @@ twice; each is taken back out here, on the rare path that causes it:
 
 * **A job collected (or reported) again** because the load that carried it first never
   completed (its package was lost after some of its tables loaded, or failed): the run
-  deletes what that load left of the job before it writes the job's rows again
-  (:func:`drop_jobs`).
+  deletes what other loads hold of the rows before it writes them again
+  (:func:`drop_rewritten`).
 * **A package resumed after a crash** can hold a job that another run has collected and
   loaded since (the package waited on a machine that was down): once it is loaded, the
   job keeps this package's rows only (:func:`repair_load`).
 * **A load job that runs twice**: killed after the warehouse committed it and before dlt
   recorded that, it runs again when its package is resumed. :func:`repair_load` keeps one
-  row per ``_dlt_id`` of the package where the warehouse has row identity (DuckDB's
-  ``rowid``, PostgreSQL's ``ctid``); Snowflake's ``COPY`` (its load history) and BigQuery's
-  load jobs (dlt names them after the file) do not load a file twice in the first place.
+  row per ``_dlt_id`` of the package: by the warehouse's row identity (DuckDB's ``rowid``,
+  PostgreSQL's ``ctid``), or else by rewriting the copied rows once in a transaction.
+  BigQuery needs neither: dlt names its load jobs after the file and restores a job that
+  exists instead of loading the file again.
 
-Every statement is one ``DELETE``: atomic, idempotent, and a crash between two of them
-leaves nothing a second run of the same repair would not finish.
+Every change is one ``DELETE`` (or one transaction): atomic, idempotent, and a crash
+between two of them leaves nothing a second run of the same repair would not finish.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from apione_source.tables import TableNames
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 100  # job ids per statement
+_CHUNK = 100  # ids per statement
 
 
 def _col(client: Any, name: str) -> str:
@@ -49,32 +50,73 @@ def _delete(client: Any, target: str, where: str, *args: Any) -> None:
         client.execute_sql(f"DELETE FROM {target} WHERE {where}", *args)
 
 
-def drop_jobs(client: Any, names: TableNames, job_ids: Sequence[str], loads: set[str]) -> None:
-    """Delete the rows that ``loads`` (loads that never completed) wrote for ``job_ids``.
+def drop_rewritten(
+    client: Any, names: TableNames, job_id: str, outcome_ids: Sequence[str], load_id: str
+) -> None:
+    """Delete what other loads hold of the rows about to go out again in ``load_id``.
 
-    Called before those jobs' rows are written again in another package.
+    Called before a job collected or reported again writes its rows: a load that never
+    completed may have left some of them, as may an input row that reused the job's
+    outcome meanwhile (the same ``outcome_id``: the last one written is the one kept, as a
+    merge would).
 
     Args:
         client: An open dlt SQL client of the destination.
         names: The tables of the enrichment type.
-        job_ids: The jobs collected or reported again.
-        loads: The loads that carried them before.
+        job_id: The job collected or reported again: its list elements.
+        outcome_ids: The outcome rows about to be written.
+        load_id: The package they go into.
     """
-    if not job_ids or not loads:
-        return
     job, load = _col(client, "job_id"), _col(client, "_dlt_load_id")
-    load_marks = ", ".join(["%s"] * len(loads))
-    for start in range(0, len(job_ids), _CHUNK):
-        chunk = list(job_ids[start : start + _CHUNK])
-        job_marks = ", ".join(["%s"] * len(chunk))
-        for table in names.appended:
-            _delete(
-                client,
-                client.make_qualified_table_name(table),
-                f"{job} IN ({job_marks}) AND {load} IN ({load_marks})",
-                *chunk,
-                *sorted(loads),
-            )
+    for table in names.lists.values():
+        _delete(
+            client,
+            client.make_qualified_table_name(table),
+            f"{job} = %s AND {load} <> %s",
+            job_id,
+            load_id,
+        )
+    outcome = _col(client, "outcome_id")
+    for start in range(0, len(outcome_ids), _CHUNK):
+        chunk = list(outcome_ids[start : start + _CHUNK])
+        _delete(
+            client,
+            client.make_qualified_table_name(names.outcomes),
+            f"{outcome} IN ({', '.join(['%s'] * len(chunk))}) AND {load} <> %s",
+            *chunk,
+            load_id,
+        )
+
+
+def _rewrite_copies(client: Any, table: str, load_id: str) -> None:
+    """Where rows have no identity (Snowflake...): rows of ``load_id`` copied, once each.
+
+    The copies are alike, so they are replaced by one of each in one transaction.
+    """
+    load, row = _col(client, "_dlt_load_id"), _col(client, "_dlt_id")
+    qualified = client.make_qualified_table_name(table)
+    copied = f"SELECT {row} FROM {qualified} WHERE {load} = %s GROUP BY {row} HAVING count(*) > 1"
+    try:
+        with client.execute_query(f"SELECT count(*) FROM ({copied}) c", load_id) as cur:
+            if not cur.fetchall()[0][0]:
+                return
+    except DatabaseUndefinedRelation:
+        return
+    once = client.make_qualified_table_name(f"_apione_once_{table}"[:120])
+    client.execute_sql(f"DROP TABLE IF EXISTS {once}")
+    client.execute_sql(
+        f"CREATE TABLE {once} AS SELECT DISTINCT * FROM {qualified} "
+        f"WHERE {load} = %s AND {row} IN ({copied})",
+        load_id,
+        load_id,
+    )
+    with client.begin_transaction():
+        client.execute_sql(
+            f"DELETE FROM {qualified} WHERE {load} = %s AND {row} IN (SELECT {row} FROM {once})",
+            load_id,
+        )
+        client.execute_sql(f"INSERT INTO {qualified} SELECT * FROM {once}")
+    client.execute_sql(f"DROP TABLE {once}")
 
 
 def repair_load(client: Any, dialect: str, names: TableNames, load_id: str) -> None:
@@ -86,11 +128,7 @@ def repair_load(client: Any, dialect: str, names: TableNames, load_id: str) -> N
         names: The tables of the enrichment type.
         load_id: The package's load id.
     """
-    job, load, row = _col(client, "job_id"), _col(client, "_dlt_load_id"), _col(client, "_dlt_id")
-    # every job a package carries has rows in the outcomes table
-    jobs_of_load = (
-        f"SELECT {job} FROM {client.make_qualified_table_name(names.outcomes)} WHERE {load} = %s"
-    )
+    load, row = _col(client, "_dlt_load_id"), _col(client, "_dlt_id")
     for table in [*names.appended, names.runs]:
         qualified = client.make_qualified_table_name(table)
         # a load job that ran twice: one row per _dlt_id (all copies are alike)
@@ -111,10 +149,19 @@ def repair_load(client: Any, dialect: str, names: TableNames, load_id: str) -> N
                 load_id,
                 load_id,
             )
+        elif dialect != "bigquery":  # BigQuery restores a load job by its id: never twice
+            _rewrite_copies(client, table, load_id)
         if table != names.runs:
-            # the same jobs loaded by another package (collected again meanwhile): this
-            # one's rows are complete (its load completed), the other's go
+            # The same rows loaded by another package (its jobs collected again meanwhile):
+            # this one's are complete (its load completed), the other's go. Outcomes by
+            # their id (rows reusing a job's outcome are the job's too); a list's elements
+            # by job, as only a collection writes them.
+            key = _col(client, "outcome_id" if table == names.outcomes else "job_id")
             _delete(
-                client, qualified, f"{job} IN ({jobs_of_load}) AND {load} <> %s", load_id, load_id
+                client,
+                qualified,
+                f"{key} IN (SELECT {key} FROM {qualified} WHERE {load} = %s) AND {load} <> %s",
+                load_id,
+                load_id,
             )
     logger.info("resumed package %s: each of its jobs' rows is in once", load_id)

@@ -82,7 +82,7 @@ from apione_source.reader import (
     decode_cursor,
     encode_cursor,
 )
-from apione_source.repair import drop_jobs, repair_load
+from apione_source.repair import drop_rewritten, repair_load
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import (
     FINAL_STATUSES,
@@ -975,7 +975,6 @@ class EnrichmentRun:
         ``collected_in``: loads that carried the job's results before it was spent.
         """
         job_id = spent.job_id or f"lost_{entry.entry_id}_{spent.gen}"
-        self._drop_earlier(job_id, (collected_in or set()) | (spent.loads - {self.load_id}))
         finished_at = utc_from_timestamp(spent.at)
         submitted_at = utc_from_timestamp(spent.submitted_at)
         outcomes = []
@@ -994,6 +993,8 @@ class EnrichmentRun:
         row = ledger.spent_job_row(
             job_id, self.s.enrichment_type.value, spent, errors, self.load_id, fin
         )
+        earlier = (collected_in or set()) | (spent.loads - {self.load_id})
+        self._drop_earlier(job_id, earlier, outcomes)
         if outcomes:
             yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
@@ -1018,7 +1019,6 @@ class EnrichmentRun:
                 sum(1 for r in matched if r is None),
             )
         job_id = str(entry.job_id)
-        self._drop_earlier(job_id, entry.collected_in)
         for item, result in zip(entry.items, matched, strict=True):
             err: str | None
             if result is None:
@@ -1050,6 +1050,7 @@ class EnrichmentRun:
         self.collected_ids.add(entry.entry_id)
         self.collected_in_slice += len(entry.items)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
+        self._drop_earlier(job_id, entry.collected_in, outcomes)
         if enriched:
             yield from self._emit(self.s.names.enrichment, enriched)
         for name, gathered in elements.items():
@@ -1069,13 +1070,14 @@ class EnrichmentRun:
         )
         entry.items = []  # in the rows above now: memory stays flat over a long run
 
-    def _drop_earlier(self, job_id: str, loads: set[str]) -> None:
-        """Delete what loads that never completed wrote for ``job_id``, about to be rewritten.
+    def _drop_earlier(self, job_id: str, loads: set[str], outcomes: list[dict[str, Any]]) -> None:
+        """A job that went out in ``loads`` before (never completed): its rows out first.
 
         The outcome and list tables are appended (:mod:`apione_source.repair`).
         """
         if loads:
-            drop_jobs(self.store.client, self.s.names, [job_id], loads)
+            ids = [o["outcome_id"] for o in outcomes]
+            drop_rewritten(self.store.client, self.s.names, job_id, ids, self.load_id)
 
     def _match(
         self, items: list[BatchItem], results: list[RecordResult]

@@ -1,7 +1,7 @@
 """The tables apione-dlt loads: names, dlt hints, and the rows that go into them.
 
 =====================  =========================  ========================================
-table                  merge key                  one row per
+table                  key (merge, or unique)     one row per
 =====================  =========================  ========================================
 ``<p><t>``             ``key``                    enriched key: company, person or email
 ``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
@@ -21,9 +21,10 @@ history) become list tables, one row per element, e.g. ``apione_companies_tags``
 
 Every table reaches dlt as arrow tables typed by these hints (:mod:`apione_source.output`),
 which dlt writes as parquet where the destination takes it: its fastest load path.
-Tables are merged ``delete-insert`` on their keys, the one strategy that also drops a
-duplicate inside a load package (a job collected again after a crash, or a load job
-dlt runs twice); ``<p>runs`` gets one row per load and is appended.
+The outcome and list tables are appended: a job's rows are written together, and where a
+crash or a late package writes them again, :mod:`apione_source.repair` takes the copy out.
+The others are merged ``delete-insert`` on their keys, which also drops a duplicate inside
+a load package; ``<p>runs`` gets one row per load and is appended.
 """
 
 from __future__ import annotations

@@ -184,7 +184,8 @@ def test_given_resumed_markers_when_opened_then_completed_loads_are_repaired_and
     store: SqlStore,
 ) -> None:
     """A run that died between loading a resumed package and repairing its rows leaves the
-    repair to the next run; a package that never loaded keeps its marker."""
+    repair to the next run; the marker of a package that did not load goes too (whoever
+    resumes it marks it again)."""
     journal = _first_run(store)
     in_flight = _sent(journal, 2, "job_1")
     mark_resumed(store, SCOPE, "p", ["load_done", "load_pending"])
@@ -196,5 +197,9 @@ def test_given_resumed_markers_when_opened_then_completed_loads_are_repaired_and
     assert repaired == ["load_done"]
     assert set(again.entries) == {in_flight}  # a marker is no entry: nothing to send
     assert [e.entry_id for e in open_entries(store.read(SCOPE), lambda loads: set())] == [in_flight]
-    markers = [r["load_id"] for r in store.read(SCOPE) if r["event"] == RESUMED]
-    assert markers == ["load_pending"]
+    assert [r for r in store.read(SCOPE) if r["event"] == RESUMED] == []
+
+    # a journal opened without a repair leaves them
+    mark_resumed(store, SCOPE, "p", ["load_done"])
+    _journal(store, "run3").open(lambda loads: loads)
+    assert [r["event"] for r in store.read(SCOPE) if r["event"] == RESUMED] == [RESUMED]
