@@ -17,11 +17,6 @@ together across resends; each resend is a new generation ``g`` of the same entry
                                  keep the job (and its keys) and look again later
     job(g) ──► joined            input rows that arrived later for a key in flight
 
-Besides entries, a *marker* row (``resumed``, entry id ``resumed:<load id>``) names a load
-package that a run resumes after a crash: once that load completed, the rows of its jobs
-are repaired (:func:`apione_source.repair.repair_load`) and the marker deleted, by that run
-or, if it died first, by the next one that opens the journal.
-
 Why it is safe under a kill anywhere:
 
 * Every transition is **one INSERT statement** (one or several rows), atomic on every SQL
@@ -30,8 +25,7 @@ Why it is safe under a kill anywhere:
   nor handled again once replaced.
 * ``collected``/``spent`` rows name the load package that carries their rows; they count
   only once dlt marked that load completed (``_dlt_loads``). Until then a collected job is
-  fetched again and a spent job's report is written again (what the unfinished load wrote
-  of it is deleted first: :mod:`apione_source.repair`).
+  fetched again and a spent job's report is written again (both merge idempotently).
 * The table lives in the destination dataset, beside dlt's own state, so a run on an
   empty disk (a new container, a wiped pipelines dir) knows every paid job.
 * The journal is keyed by *scope* (the outcomes table), not by pipeline: two pipeline
@@ -46,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -71,8 +64,6 @@ TIMED_OUT = "timed_out"
 VANISHED = "vanished"
 LOST = "lost"
 SPENT_REASONS = (FAILED, EXPIRED, TIMED_OUT, VANISHED, LOST)
-
-RESUMED = "resumed"  # the marker event (not an entry's)
 
 # Every value is non-NULL ('' when unset): typed NULL parameters trip some drivers.
 COLUMNS = (
@@ -274,8 +265,7 @@ def fold(rows: Iterable[dict[str, Any]]) -> dict[str, Entry]:
     """
     by_entry: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["event"] != RESUMED:
-            by_entry.setdefault(row["entry_id"], []).append(row)
+        by_entry.setdefault(row["entry_id"], []).append(row)
     entries = {}
     for entry_id, entry_rows in by_entry.items():
         try:
@@ -416,37 +406,22 @@ class Journal:
         self.clock = clock
         self.entries: dict[str, Entry] = {}
 
-    def open(
-        self,
-        completed: Callable[[set[str]], set[str]],
-        repair: Callable[[str], None] | None = None,
-    ) -> None:
+    def open(self, completed: Callable[[set[str]], set[str]]) -> None:
         """Read the scope's entries, settle them against completed loads, forget finished ones.
 
         Args:
             completed: Given load ids, returns those whose load completed at the
                 destination.
-            repair: Repairs the rows of a resumed package's load id (see
-                :func:`mark_resumed`); markers are forgotten, those whose load completed
-                once it is repaired.
         """
         # Lean first: most entries are finished (their results are loaded), and their
         # records, most of the journal's bytes, need not be read at all.
-        rows = self.store.read(self.scope, lean=True)
-        lean = fold(rows)
-        resumed = {r["load_id"] for r in rows if r["event"] == RESUMED}
-        loads = set(resumed)
+        lean = fold(self.store.read(self.scope, lean=True))
+        loads = set()
         for e in lean.values():
             loads |= e.collected_in
             for s in e.spent:
                 loads |= s.loads
         done_loads = completed(loads) if loads else set()
-        if repair is not None and resumed:
-            for load_id in sorted(resumed & done_loads):
-                repair(load_id)
-            # A marker of a load that did not complete is stale: its package was lost, or
-            # is still pending where it was made, and whoever resumes it marks it again.
-            forget_resumed(self.store, self.scope, resumed)
         finished = {e.entry_id for e in lean.values() if _settle(e, done_loads)}
         if finished:
             self.store.delete(self.scope, sorted(finished))
@@ -573,31 +548,6 @@ class Journal:
         return new
 
 
-def mark_resumed(store: JournalStore, scope: str, pipeline: str, load_ids: Iterable[str]) -> None:
-    """Before a run loads packages an earlier run left: their rows get repaired."""
-    rows = []
-    for load_id in sorted(load_ids):
-        row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
-        row.update(
-            entry_id=f"{RESUMED}:{load_id}",
-            seq=0,
-            gen=0,
-            event=RESUMED,
-            scope=scope,
-            pipeline=pipeline,
-            load_id=load_id,
-            written_at=time.time(),
-        )
-        rows.append(row)
-    if rows:
-        store.append(rows)
-
-
-def forget_resumed(store: JournalStore, scope: str, load_ids: Iterable[str]) -> None:
-    """The rows of these resumed loads are repaired: drop their markers."""
-    store.delete(scope, sorted(f"{RESUMED}:{load_id}" for load_id in load_ids))
-
-
 # --- the destination store ----------------------------------------------------------------
 
 # Column types per destination dialect; anything else gets the SQL standard names.
@@ -686,11 +636,6 @@ class SqlStore:
             # worth seeing, though the next journal write would fail on it anyway
             busy = "Cannot CHECKPOINT" in str(exc)
             logger.log(logging.DEBUG if busy else logging.WARNING, "no checkpoint: %s", exc)
-
-    @property
-    def client(self) -> Any:
-        """The open dlt SQL client: the run's connection to the warehouse."""
-        return self._client
 
     @property
     def _qualified(self) -> str:

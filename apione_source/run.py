@@ -69,8 +69,6 @@ from apione_source.journal import (
     Journal,
     SpentGen,
     SqlStore,
-    forget_resumed,
-    mark_resumed,
 )
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
@@ -82,7 +80,6 @@ from apione_source.reader import (
     decode_cursor,
     encode_cursor,
 )
-from apione_source.repair import drop_rewritten, repair_load
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
 from apione_source.tables import (
     FINAL_STATUSES,
@@ -441,7 +438,7 @@ class EnrichmentRun:
         stack.enter_context(_fewer_collections())
         lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
         stack.callback(lock.release)
-        dialect = destination_dialect(pipeline)
+        dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
         store = self.store = stack.enter_context(
             SqlStore(pipeline.sql_client, names.journal, dialect)
         )
@@ -449,10 +446,7 @@ class EnrichmentRun:
         self.journal = Journal(
             store, names.outcomes, pipeline.pipeline_name, load_id, self.wall_clock
         )
-        self.journal.open(
-            lambda loads: confirmed_loads(pipeline, sorted(loads)),
-            lambda load: repair_load(store.client, dialect, names, load),
-        )
+        self.journal.open(lambda loads: confirmed_loads(pipeline, sorted(loads)))
         self.loop = asyncio.new_event_loop()
         stack.callback(self.loop.close)
         self.sched = JobScheduler(
@@ -936,7 +930,6 @@ class EnrichmentRun:
                 resend.append(BatchItem(item.key, item.record, list(item.pks), item.attempt + 1))
             else:
                 exhausted.append(item)
-        collected_in = set(entry.collected_in)  # spending forgets them
         spent = self.journal.spend(entry, fin.kind, fin.error or fin.kind, resend, self.load_id)
         _bump(self.stats.spent, fin.kind)
         if resend:
@@ -961,19 +954,10 @@ class EnrichmentRun:
             self.known.keys[item.key] = KeyState(
                 "error", now, spent.job_id, item.record, set(item.pks), submitted_at=now
             )
-        yield from self._report(entry, spent, fin, collected_in)
+        yield from self._report(entry, spent, fin)
 
-    def _report(
-        self,
-        entry: Entry,
-        spent: SpentGen,
-        fin: Finished | None = None,
-        collected_in: set[str] | None = None,
-    ) -> Iterator[Any]:
-        """The ledger row and outcome rows of a spent generation (again, if need be).
-
-        ``collected_in``: loads that carried the job's results before it was spent.
-        """
+    def _report(self, entry: Entry, spent: SpentGen, fin: Finished | None = None) -> Iterator[Any]:
+        """The ledger row and outcome rows of a spent generation (again, if need be)."""
         job_id = spent.job_id or f"lost_{entry.entry_id}_{spent.gen}"
         finished_at = utc_from_timestamp(spent.at)
         submitted_at = utc_from_timestamp(spent.submitted_at)
@@ -993,8 +977,6 @@ class EnrichmentRun:
         row = ledger.spent_job_row(
             job_id, self.s.enrichment_type.value, spent, errors, self.load_id, fin
         )
-        earlier = (collected_in or set()) | (spent.loads - {self.load_id})
-        self._drop_earlier(job_id, earlier, outcomes)
         if outcomes:
             yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
@@ -1050,7 +1032,6 @@ class EnrichmentRun:
         self.collected_ids.add(entry.entry_id)
         self.collected_in_slice += len(entry.items)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
-        self._drop_earlier(job_id, entry.collected_in, outcomes)
         if enriched:
             yield from self._emit(self.s.names.enrichment, enriched)
         for name, gathered in elements.items():
@@ -1069,15 +1050,6 @@ class EnrichmentRun:
             ],
         )
         entry.items = []  # in the rows above now: memory stays flat over a long run
-
-    def _drop_earlier(self, job_id: str, loads: set[str], outcomes: list[dict[str, Any]]) -> None:
-        """A job that went out in ``loads`` before (never completed): its rows out first.
-
-        The outcome and list tables are appended (:mod:`apione_source.repair`).
-        """
-        if loads:
-            ids = [o["outcome_id"] for o in outcomes]
-            drop_rewritten(self.store.client, self.s.names, job_id, ids, self.load_id)
 
     def _match(
         self, items: list[BatchItem], results: list[RecordResult]
@@ -1149,30 +1121,3 @@ class EnrichmentRun:
             )
         if self.stats.spent.get(EXPIRED):
             logger.warning("results expired before collection: run more often")
-
-
-def destination_dialect(pipeline: dlt.Pipeline) -> str:
-    """The destination's type, e.g. ``duckdb`` (dlt's ``destination_type`` is a path)."""
-    return str(pipeline.destination.destination_type).rsplit(".", 1)[-1]
-
-
-def resume_pending(pipeline: dlt.Pipeline, names: list[TableNames]) -> None:
-    """Load the packages an earlier run left behind, then repair their rows.
-
-    A resumed package may hold jobs another run has collected since, or run a load job
-    again that its crash interrupted after the warehouse committed it: its loads are
-    marked in the journal first, so a crash before the repair leaves it to the next run
-    (:meth:`apione_source.journal.Journal.open`).
-    """
-    load_ids = {*pipeline.list_extracted_load_packages(), *pipeline.list_normalized_load_packages()}
-    dialect = destination_dialect(pipeline)
-    for n in names:
-        with SqlStore(pipeline.sql_client, n.journal, dialect) as store:
-            mark_resumed(store, n.outcomes, pipeline.pipeline_name, load_ids)
-    pipeline.run()
-    done = confirmed_loads(pipeline, sorted(load_ids))
-    for n in names:
-        with SqlStore(pipeline.sql_client, n.journal, dialect) as store:
-            for load_id in sorted(done):
-                repair_load(store.client, dialect, n, load_id)
-            forget_resumed(store, n.outcomes, done)

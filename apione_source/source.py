@@ -25,7 +25,7 @@ from apione_source.history import Ttls
 from apione_source.models import EnrichmentType
 from apione_source.plan import DryRun, plan_run
 from apione_source.reader import InputReader, InputSpec, check_identifier
-from apione_source.run import EnrichmentRun, RunSettings, resume_pending
+from apione_source.run import EnrichmentRun, RunSettings
 from apione_source.scheduler import SchedulerSettings
 from apione_source.secret import Secret
 from apione_source.settings import DEFAULT_BASE_URL, MAX_RECORDS_PER_JOB, get_plan
@@ -316,7 +316,7 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
         # between slices; the run then stops before the next slice submits anything.
         with connector_errors(), signals.intercepted_signals():
             if pipeline.has_pending_data:
-                resume_pending(pipeline, [h.settings.names for h in handles if h.settings])
+                pipeline.run()
             _check_credits(pipeline, source, handles)
             info = pipeline.run(source, **run_kwargs)
             # the same run goes on, one load package per records_per_load results

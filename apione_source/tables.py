@@ -1,7 +1,7 @@
 """The tables apione-dlt loads: names, dlt hints, and the rows that go into them.
 
 =====================  =========================  ========================================
-table                  key (merge, or unique)     one row per
+table                  merge key                  one row per
 =====================  =========================  ========================================
 ``<p><t>``             ``key``                    enriched key: company, person or email
 ``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
@@ -21,10 +21,9 @@ history) become list tables, one row per element, e.g. ``apione_companies_tags``
 
 Every table reaches dlt as arrow tables typed by these hints (:mod:`apione_source.output`),
 which dlt writes as parquet where the destination takes it: its fastest load path.
-The outcome and list tables are appended: a job's rows are written together, and where a
-crash or a late package writes them again, :mod:`apione_source.repair` takes the copy out.
-The others are merged ``delete-insert`` on their keys, which also drops a duplicate inside
-a load package; ``<p>runs`` gets one row per load and is appended.
+Tables are merged ``delete-insert`` on their keys, the one strategy that also drops a
+duplicate inside a load package (a job collected again after a crash, or a load job
+dlt runs twice).
 """
 
 from __future__ import annotations
@@ -68,8 +67,6 @@ class TableNames:
         self.outcomes = f"{self.enrichment}_outcomes"
         self.rejected = f"{self.enrichment}_rejected"
         self.inputs = f"{self.enrichment}_inputs"
-        # Loaded with plain append: a job's rows go in together (apione_source.repair).
-        self.appended = [self.outcomes, *self.lists.values()]
         # Not a dlt table: the job journal, written through the SQL client (journal.py).
         self.journal = f"_{prefix}journal"
 
@@ -336,11 +333,13 @@ def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> N
     keys: dict[str, tuple[Any, Any]] = {
         names.enrichment: (enrichment, "key"),
         names.jobs: (merge, "job_id"),
-        names.runs: ("append", ["load_id", "type"]),  # one row per load: nothing to merge
-        names.outcomes: ("append", "outcome_id"),  # a job's rows once: repair.py
+        # one row per load and type: merged all the same, as a load job dlt runs twice
+        # (killed between the warehouse's commit and dlt's note of it) writes it twice
+        names.runs: (merge, ["load_id", "type"]),
+        names.outcomes: (merge, "outcome_id"),
         names.rejected: (merge, "input_pk"),
         names.inputs: (merge, "input_pk"),
-        **{table: ("append", ["key", "job_id", "idx"]) for table in names.lists.values()},
+        **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
     kinds = table_kinds(names)
     for table, columns in table_columns(names).items():

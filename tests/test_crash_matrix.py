@@ -52,9 +52,8 @@ MERGE_KEYS = {
     COMPANY.outcomes: "outcome_id",
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
-    # appended, not merged: a job's elements must still be there once
     **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
-    COMPANY.runs: "_dlt_id",
+    COMPANY.runs: "concat_ws('|', load_id, type)",
 }
 CHILD_TABLES = (f"{COMPANY.enrichment}_tags", f"{COMPANY.enrichment}_technologies")
 
@@ -238,7 +237,7 @@ CASES = {
     # the insert of the enrichment rows into the staging dataset committed, dlt did not
     # record it: resuming the package runs it again
     "load_committed": Case(crash_table=COMPANY.enrichment),
-    # the same for tables dlt appends to: resuming the package puts the rows in again
+    # the same for the job's other tables and the run's summary
     "load_committed_outcomes": Case(crash_table=COMPANY.outcomes, crash_at="load_committed"),
     "load_committed_list": Case(
         crash_table=f"{COMPANY.enrichment}_tags", crash_at="load_committed"
@@ -247,9 +246,8 @@ CASES = {
 }
 # dlt 1.31 (a residual of dlt-hub/dlt#3023): a job that committed just before a SIGKILL,
 # before dlt recorded it, runs again when the package is resumed, so a staging table holds
-# its rows twice. Every merged table is a single table (no nested chain), which
-# delete-insert dedups by primary key; the appended ones are repaired after the resumed
-# load (apione_source.repair): the load_committed cases check that nothing is left twice.
+# its rows twice. Every table is a single table (no nested chain), which delete-insert
+# dedups by primary key: the load_committed cases check that nothing is left twice.
 
 
 def check_after_crash(phase: str, sb: Sandbox, dest: Dest) -> int:

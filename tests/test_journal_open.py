@@ -11,16 +11,7 @@ import pytest
 from dlt.destinations.exceptions import DatabaseTransientException
 
 from apione_source.errors import JournalCorruptError
-from apione_source.journal import (
-    COLUMNS,
-    IN_FLIGHT,
-    RESUMED,
-    BatchItem,
-    Journal,
-    SqlStore,
-    mark_resumed,
-    open_entries,
-)
+from apione_source.journal import COLUMNS, IN_FLIGHT, BatchItem, Journal, SqlStore
 
 SCOPE = "apione_companies_outcomes"
 
@@ -178,28 +169,3 @@ def test_rows_read_back_exactly_as_written(tmp_path: Path, dialect: str) -> None
         store.append(rows[:1])
         back = store.read(SCOPE)
     assert sorted(back, key=lambda r: r["gen"]) == [rows[0], rows[0], *rows[1:]]
-
-
-def test_given_resumed_markers_when_opened_then_completed_loads_are_repaired_and_forgotten(
-    store: SqlStore,
-) -> None:
-    """A run that died between loading a resumed package and repairing its rows leaves the
-    repair to the next run; the marker of a package that did not load goes too (whoever
-    resumes it marks it again)."""
-    journal = _first_run(store)
-    in_flight = _sent(journal, 2, "job_1")
-    mark_resumed(store, SCOPE, "p", ["load_done", "load_pending"])
-
-    repaired: list[str] = []
-    again = _journal(store, "run2")
-    again.open(lambda loads: loads & {"load_done"}, repaired.append)
-
-    assert repaired == ["load_done"]
-    assert set(again.entries) == {in_flight}  # a marker is no entry: nothing to send
-    assert [e.entry_id for e in open_entries(store.read(SCOPE), lambda loads: set())] == [in_flight]
-    assert [r for r in store.read(SCOPE) if r["event"] == RESUMED] == []
-
-    # a journal opened without a repair leaves them
-    mark_resumed(store, SCOPE, "p", ["load_done"])
-    _journal(store, "run3").open(lambda loads: loads)
-    assert [r["event"] for r in store.read(SCOPE) if r["event"] == RESUMED] == [RESUMED]

@@ -110,7 +110,6 @@ MERGE_KEYS = {
     COMPANY.outcomes: "outcome_id",
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
-    # appended, not merged: a job's elements must still be there once
     **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
 }
 # Not a billing or lifecycle defect, a question of what "latest outcome of a row" means: a

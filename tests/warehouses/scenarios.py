@@ -59,7 +59,7 @@ def assert_no_duplicate_keys(env: Env, table: str = COMPANY.enrichment) -> None:
 
 
 def assert_each_job_row_once(env: Env) -> None:
-    """The appended tables: no outcome, no list element of a job, twice."""
+    """No outcome, no list element of a job, twice (a job collected twice, a late package)."""
     keys = {
         COMPANY.outcomes: "outcome_id",
         TAGS: "key, job_id, idx",
