@@ -111,6 +111,7 @@ MERGE_KEYS = {
     COMPANY.rejected: "input_pk",
     COMPANY.jobs: "job_id",
     **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
+    COMPANY.runs: "concat_ws('|', load_id, type)",
 }
 # Not a billing or lifecycle defect, a question of what "latest outcome of a row" means: a
 # row whose domain changes while its old key is in flight gets that key's outcome too, and
