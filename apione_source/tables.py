@@ -320,6 +320,11 @@ def table_kinds(names: TableNames) -> dict[str, str]:
 DLT_COLUMN_HINTS: TTableSchemaColumns = {
     name: {"name": name, "description": text} for name, text in dlt_columns().items()
 }
+# Not UNIQUE (dlt's default for a table it creates with no rows yet, which PostgreSQL turns
+# into a constraint): a load job that dlt runs again after a kill between the warehouse's
+# commit and its own note of it puts the same rows in once more, which the merge drops; a
+# constraint would fail that job on every later run instead.
+DLT_COLUMN_HINTS["_dlt_id"]["unique"] = False
 
 
 def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> None:

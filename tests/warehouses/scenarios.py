@@ -363,6 +363,23 @@ class KillScenarios:
         journal = env.query(f"SELECT count(*) FROM {env.out(COMPANY.journal)}")
         assert journal == [(0,)], "the journal still has open entries"
 
+    def test_a_load_job_run_again_after_a_kill_does_not_stop_every_later_run(
+        self, make_env: Callable[..., Env], tmp_path: Path
+    ) -> None:
+        """dlt runs a load job again when it was killed between the warehouse's commit and
+        its own note of it: a table that refuses the same rows twice would fail every run."""
+        env = make_env(self.input_wh, self.output_wh)
+        env.insert_companies([(i, f"again{i}.com") for i in range(10)])
+        first = self._worker(env, tmp_path / "worker", None)  # nothing rejected: created empty
+        assert first.returncode == 0, first.stdout + first.stderr
+        env.insert_companies([(100 + i, "not a domain") for i in range(3)])
+        killed = self._worker(env, tmp_path / "worker", f"load_committed:{COMPANY.rejected}")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        again = self._worker(env, tmp_path / "worker", None)
+        assert again.returncode == 0, again.stdout + again.stderr
+        rejected = env.query(f"SELECT input_pk FROM {env.out(COMPANY.rejected)}")
+        assert sorted(pk for (pk,) in rejected) == ["100", "101", "102"]
+
     def test_a_package_loaded_after_another_worker_collected_its_jobs_leaves_no_row_twice(
         self, make_env: Callable[..., Env], tmp_path: Path
     ) -> None:
