@@ -399,4 +399,4 @@ class KillScenarios:
         assert_no_duplicate_keys(env)
         assert env.sandbox.usage()["records_billed"] == 30
         journal = env.query(f"SELECT count(*) FROM {env.out(COMPANY.journal)}")
-        assert journal == [(0,)], "the journal still has entries or markers"
+        assert journal == [(0,)], "the journal still has open entries"
