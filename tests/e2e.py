@@ -25,6 +25,16 @@ from apione_source.tables import FINAL_STATUSES, TableNames
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
 PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
 EMAIL = TableNames("apione_", EnrichmentType.EMAIL)
+# Each company table's key (a DuckDB expression where it has several columns): no value
+# of it may be there twice, whatever was killed when.
+MERGE_KEYS = {
+    COMPANY.enrichment: "key",
+    COMPANY.outcomes: "outcome_id",
+    COMPANY.rejected: "input_pk",
+    COMPANY.jobs: "job_id",
+    **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
+    COMPANY.runs: "concat_ws('|', load_id, type)",
+}
 
 TEN_KB = "a" * 10_240
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,13 @@ from tests.crash_runner import (
     runner_command,
     runner_env,
 )
-from tests.e2e import COMPANY, TEN_KB, assert_one_final_outcome_per_row, company_key
+from tests.e2e import (
+    COMPANY,
+    MERGE_KEYS,
+    TEN_KB,
+    assert_one_final_outcome_per_row,
+    company_key,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
@@ -47,14 +53,6 @@ PIPELINE_NAME = "apione_crash"
 SEED = 7
 RECORDS_PER_JOB = 250
 FINAL = FINAL_STATUSES
-MERGE_KEYS = {
-    COMPANY.enrichment: "key",
-    COMPANY.outcomes: "outcome_id",
-    COMPANY.rejected: "input_pk",
-    COMPANY.jobs: "job_id",
-    **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
-    COMPANY.runs: "concat_ws('|', load_id, type)",
-}
 CHILD_TABLES = (f"{COMPANY.enrichment}_tags", f"{COMPANY.enrichment}_technologies")
 
 

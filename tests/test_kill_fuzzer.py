@@ -90,7 +90,7 @@ from tests.crash_runner import (
     runner_command,
     runner_env,
 )
-from tests.e2e import COMPANY, TEN_KB
+from tests.e2e import COMPANY, MERGE_KEYS, TEN_KB
 
 pytestmark = [pytest.mark.slow, pytest.mark.fuzz]
 
@@ -105,14 +105,6 @@ MAX_CONVERGE = 8  # runs without kills before a trial is declared not converging
 CONVERGE_BUDGET = 15.0  # wait budget of those runs (jobs last at most ~2.5 s)
 RUN_TIMEOUT = 120.0  # any single run
 TERM_GRACE = 60.0  # a SIGTERMed run must have stopped by then
-MERGE_KEYS = {
-    COMPANY.enrichment: "key",
-    COMPANY.outcomes: "outcome_id",
-    COMPANY.rejected: "input_pk",
-    COMPANY.jobs: "job_id",
-    **{t: "concat_ws('|', key, job_id, idx)" for t in COMPANY.lists.values()},
-    COMPANY.runs: "concat_ws('|', load_id, type)",
-}
 # Not a billing or lifecycle defect, a question of what "latest outcome of a row" means: a
 # row whose domain changes while its old key is in flight gets that key's outcome too, and
 # that job may be the newer one, so the row's latest outcome by job order is for a key it

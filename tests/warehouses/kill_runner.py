@@ -6,9 +6,8 @@ and ``kill_at`` = ``"<Journal method>:<n>[:before]"`` (or ``load``: dlt's load s
 process kills itself with SIGKILL (no cleanup) at the n-th call of that method, after it
 returned, or before it ran with ``:before``; ``"load_committed:<table>"``: once the
 warehouse committed that table's load job, before dlt noted it; no ``kill_at``: a plain
-run. The warehouse
-scenarios use it to prove that a worker killed anywhere, followed by one on an empty disk,
-loses nothing and pays nothing twice.
+run. The warehouse scenarios use it to prove that a worker killed anywhere, followed by
+one on an empty disk, loses nothing and pays nothing twice.
 """
 
 from __future__ import annotations
@@ -27,26 +26,13 @@ from dlt.common.destination import Destination
 
 from apione_source import apione, run_enrichment
 from apione_source.journal import Journal
-
-
-def _install_load_committed(table: str) -> None:
-    """Die when the warehouse committed ``table``'s load job, before dlt notes it."""
-    from dlt.common.storages.load_package import PackageStorage
-
-    original = PackageStorage.save_pending_transition
-
-    def wrapped(self: Any, load_id: str, file_name: str, *args: Any) -> Any:
-        if file_name.split(".")[0] == table:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, load_id, file_name, *args)
-
-    PackageStorage.save_pending_transition = wrapped  # type: ignore[method-assign]
+from tests.crash_runner import install_crash
 
 
 def _install(kill_at: str) -> None:
     method, n, *when = kill_at.split(":")
-    if method == "load_committed":
-        _install_load_committed(n)
+    if method == "load_committed":  # the crash matrix's hook, for this one table
+        install_crash("load_committed", 1, signal.SIGKILL, table=n)
         return
     # "load": dlt's load step (its package extracted and normalized, nothing loaded)
     owner: Any = dlt.Pipeline if method == "load" else Journal
