@@ -618,7 +618,7 @@ class SqlStore:
             self._ctx.__exit__(None, None, None)
             self._ctx = self._client = None
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, staging_tables: Iterable[str] = ()) -> None:
         """DuckDB: write what loads appended into the database file, if nothing is open.
 
         dlt leaves that to when the last connection closes (its ``checkpoint_threshold``
@@ -626,16 +626,37 @@ class SqlStore:
         that loads in slices would hold every slice's. Skipped (the close does it) while
         another transaction is open on the database; the input is read from a temporary
         table for that reason (:func:`apione_source.reader._chunks`).
+
+        Args:
+            staging_tables: Tables whose staging copies are emptied first: what dlt's
+                merge staged for a package that has loaded is dead, and written into the
+                file it would cost the checkpoint as much again, only for the next load to
+                delete it (dlt's ``truncate_staging_dataset``, a setting of the user's
+                pipeline, does the same after every load).
         """
         if self._dialect != "duckdb" or self._client is None:
             return
         try:
+            self._empty_staging(set(staging_tables))
             self._client.execute_sql("CHECKPOINT")
         except DatabaseException as exc:
             # another transaction open: expected; anything else (a full disk, say) is
             # worth seeing, though the next journal write would fail on it anyway
             busy = "Cannot CHECKPOINT" in str(exc)
             logger.log(logging.DEBUG if busy else logging.WARNING, "no checkpoint: %s", exc)
+
+    def _empty_staging(self, tables: set[str]) -> None:
+        """Empty the staging copies of ``tables`` that exist."""
+        if not tables:
+            return
+        with self._client.with_staging_dataset():
+            with self._client.execute_query(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                self._client.dataset_name,
+            ) as cur:
+                present = sorted(tables.intersection(row[0] for row in cur.fetchall()))
+            if present:
+                self._client.truncate_tables(*present)
 
     @property
     def _qualified(self) -> str:

@@ -472,7 +472,7 @@ class EnrichmentRun:
         self.state = dlt.current.resource_state()
         self.collected_in_slice = 0
         if self._cut_at is not None:  # dlt loaded the last slice meanwhile
-            self.store.checkpoint()
+            self.store.checkpoint(staging_tables=table_columns(self.s.names))
             self.load_s = self.clock() - self._cut_at
 
     def _cut(self) -> Iterator[Any]:

@@ -169,3 +169,30 @@ def test_rows_read_back_exactly_as_written(tmp_path: Path, dialect: str) -> None
         store.append(rows[:1])
         back = store.read(SCOPE)
     assert sorted(back, key=lambda r: r["gen"]) == [rows[0], rows[0], *rows[1:]]
+
+
+def test_a_checkpoint_empties_the_staging_copies_it_is_given_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    pipeline = dlt.pipeline(
+        "journal_checkpoint",
+        destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
+        dataset_name="enriched",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    rows = [{"id": i} for i in range(3)]
+    for table in ("ours", "theirs"):
+        pipeline.run(rows, table_name=table, write_disposition="merge", primary_key="id")
+
+    with SqlStore(pipeline.sql_client, "_apione_journal", "duckdb") as store:
+        store.checkpoint(staging_tables={"ours", "not_created_yet"})
+
+    with pipeline.sql_client() as client:
+
+        def count(table: str) -> int:
+            with client.execute_query(f"SELECT count(*) FROM {table}") as cur:
+                return int(cur.fetchone()[0])
+
+        assert count("enriched_staging.ours") == 0
+        assert count("enriched_staging.theirs") == 3  # not named: left as dlt left it
+        assert count("enriched.ours") == count("enriched.theirs") == 3
