@@ -335,6 +335,10 @@ class EnrichmentRun:
         # Keys are looked up in the warehouse as rows come (not all held in memory).
         self.in_warehouse = False
         self._stack = ExitStack()
+        # The journal's connection: held through the run's last load when run_enrichment
+        # loads it (see after_last_load), else closed with the rest.
+        self._store_stack = ExitStack()
+        self.store: SqlStore | None = None
         self._body: Generator[Any, None, None] | None = None
         self._closed = False
 
@@ -401,7 +405,8 @@ class EnrichmentRun:
                         self._cut_at = self.clock()
                         return
                     yield item
-            self.close()
+            # run_enrichment loads the last slice, then calls after_last_load
+            self.close(keep_store=self.records_per_load is not None)
             # A run that could not do its job fails (so every orchestrator shows it red).
             # Its package is dropped; the journal holds everything the next run needs.
             signals.raise_if_signalled()
@@ -416,13 +421,42 @@ class EnrichmentRun:
         """True once the run ended (or failed): nothing more to extract."""
         return self._closed
 
-    def close(self) -> None:
-        """Release what the run holds (lock, event loop, connections); idempotent."""
+    def close(self, *, keep_store: bool = False) -> None:
+        """Release what the run holds (lock, event loop, connections); idempotent.
+
+        Args:
+            keep_store: Keep the journal's connection until :meth:`after_last_load` (or
+                a later ``close``).
+        """
         if not self._closed:
             self._closed = True
             if self._body is not None:
                 self._body.close()  # a run stopped between slices: nothing more to do
             self._stack.close()
+        if not keep_store:
+            self._store_stack.close()
+
+    def after_last_load(self, pipeline: dlt.Pipeline) -> None:
+        """The run's last package loaded: checkpoint as after every slice, then close.
+
+        Held open through that load, the journal's connection keeps its end from
+        checkpointing (DuckDB writes everything when its last connection closes), so
+        the last package too reaches the file without dlt's staging copies.
+        """
+        if self._closed:
+            self._checkpoint(pipeline)
+        self.close()
+
+    def _checkpoint(self, pipeline: dlt.Pipeline) -> None:
+        """Write the loaded rows into the DuckDB file, minus dlt's staging copies.
+
+        Those are dead once their package loaded; one that has not (a load that failed
+        midway) still needs them when it is resumed, so they stay while one is pending.
+        """
+        if self.store is None:
+            return
+        dead = not pipeline.list_normalized_load_packages()
+        self.store.checkpoint(staging_tables=table_columns(self.s.names) if dead else ())
 
     def _start(self) -> None:
         pipeline = dlt.current.pipeline()
@@ -439,7 +473,7 @@ class EnrichmentRun:
         lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
         stack.callback(lock.release)
         dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
-        store = self.store = stack.enter_context(
+        store = self.store = self._store_stack.enter_context(
             SqlStore(pipeline.sql_client, names.journal, dialect)
         )
         load_id = dlt.current.load_package_state()["load_id"]
@@ -472,7 +506,7 @@ class EnrichmentRun:
         self.state = dlt.current.resource_state()
         self.collected_in_slice = 0
         if self._cut_at is not None:  # dlt loaded the last slice meanwhile
-            self.store.checkpoint(staging_tables=table_columns(self.s.names))
+            self._checkpoint(dlt.current.pipeline())
             self.load_s = self.clock() - self._cut_at
 
     def _cut(self) -> Iterator[Any]:

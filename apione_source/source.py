@@ -269,6 +269,8 @@ def apione(
 
     def enrichment() -> Any:
         if handle.run is None or handle.run.finished:
+            if handle.run is not None:
+                handle.run.close()  # a plan's run (run_enrichment's credit check), say
             client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
             kind = DryRun if handle.dry_run else EnrichmentRun
             handle.run = kind(settings, client, reader)
@@ -323,6 +325,8 @@ def run_enrichment(pipeline: dlt.Pipeline, source: Any, **run_kwargs: Any) -> An
             while any(h.run is not None and not h.run.finished for h in handles):
                 signals.raise_if_signalled()
                 info = pipeline.run(source, **run_kwargs)
+            for handle in handles:
+                handle.after_last_load(pipeline)
             return info
     finally:
         for handle in handles:
@@ -360,6 +364,11 @@ class RunHandle:
         self.settings: RunSettings | None = None
         self.connect: Callable[[], ApiOneClient] | None = None
         self.run: EnrichmentRun | None = None
+
+    def after_last_load(self, pipeline: dlt.Pipeline) -> None:
+        """The run's last package loaded: see :meth:`EnrichmentRun.after_last_load`."""
+        if self.run is not None:
+            self.run.after_last_load(pipeline)
 
     def close(self) -> None:
         """Stop slicing; end a run left between slices (a failed load, say)."""
