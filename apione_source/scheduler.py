@@ -69,11 +69,11 @@ _STOP_CHECK_SECONDS = 0.5
 # prediction leaves, or of the job's age.
 _FIRST_LOOK_SHARE = 0.5  # first look this far into the estimate: early enough to see
 # progress even when the estimate is too high or the job fast, late enough to measure it
-_LATE_SHARE = 0.01  # look this much after the predicted end, so the look sees it done
+_LATE_SHARE = 0.002  # look this much after the predicted end, so the look sees it done
 _SPREAD_SHARE = 0.08  # but no later than this much after the earliest end progress allows
 _MIN_AGE_SHARE = 0.05  # no two looks closer than this share of the job's age
 _AGE_SHARE = 0.5  # without progress to go by, wait this share of the job's age
-_JITTER = 0.01  # waits are stretched by up to this share (never shortened)
+_JITTER = 0.002  # waits are stretched by up to this share (never shortened)
 
 
 @dataclass(frozen=True)
