@@ -651,7 +651,8 @@ class SqlStore:
             return
         with self._client.with_staging_dataset():
             with self._client.execute_query(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                "SELECT table_name FROM information_schema.tables"
+                " WHERE table_catalog = current_database() AND table_schema = %s",
                 self._client.dataset_name,
             ) as cur:
                 present = sorted(tables.intersection(row[0] for row in cur.fetchall()))

@@ -270,7 +270,7 @@ def apione(
     def enrichment() -> Any:
         if handle.run is None or handle.run.finished:
             if handle.run is not None:
-                handle.run.close()  # a plan's run (run_enrichment's credit check), say
+                handle.run.close()  # it may hold its journal's connection still
             client = AsyncApiOneClient(secret, base_url, max_connections=slots + 4)
             kind = DryRun if handle.dry_run else EnrichmentRun
             handle.run = kind(settings, client, reader)
