@@ -114,6 +114,7 @@ _STEPS_TO_SEND = 8
 # What the first load of a run is taken to cost (seconds) before one is measured, and the
 # margin a load must fit in before the next job should end, to end a slice early for it.
 _FIRST_LOAD_GUESS_S = 1.0
+_MIN_LOOK_WINDOW_S = 0.05  # see EnrichmentRun._window
 _LOAD_MARGIN = 1.5
 
 
@@ -329,6 +330,8 @@ class EnrichmentRun:
         self.read_cursor: Any = None  # cursor of the last input row read (cursor mode)
         self.collected_in_slice = 0
         self.load_s = _FIRST_LOAD_GUESS_S  # how long the last slice took dlt to load
+        self.settle_s = 0.0  # how long the last job's results took to become rows
+        self.chunk_s = 0.0  # how long the last input chunk took to read and classify
         self._cut_at: float | None = None  # when the last slice ended (scheduler clock)
         self.collected_ids: set[str] = set()  # entries collected this run, in any slice
         self.new_entries: set[str] = set()  # entries made from rows this run read
@@ -604,11 +607,7 @@ class EnrichmentRun:
         # 4. wait for everything still running, resending while the budget lasts
         sched = self.sched
         while True:
-            self._send_entries()
-            # every free slot first: a job's turn must not wait for other jobs' rows
-            while self.pending.items and sched.has_free_slot and not self.to_send:
-                if not self._submit_pending(self._cap_left()):
-                    break
+            self._fill_free_slots()
             yield from self._cut()
             if (
                 self.pending.items
@@ -621,8 +620,28 @@ class EnrichmentRun:
             fin = self._await(sched.next_finished())
             if fin is None:
                 break
+            if self.pending.items or self.to_send:
+                self._await(sched.let_looks_in(self._window(self.settle_s)))
+                self._fill_free_slots()
             yield from self._settle(fin)
         yield from self._finish()
+
+    @staticmethod
+    def _window(busy_s: float) -> float:
+        """How far ahead looks come first, before work that last took ``busy_s``.
+
+        That work holds the event loop, so a look due meanwhile would come late, and with
+        it the submit into the slot it frees. Twice the last time (turning results into
+        rows now and then also writes dlt's buffers), 50 ms at least.
+        """
+        return max(2.0 * busy_s, _MIN_LOOK_WINDOW_S)
+
+    def _fill_free_slots(self) -> None:
+        """Every free slot first: a job's turn must not wait for other jobs' rows."""
+        self._send_entries()
+        while self.pending.items and self.sched.has_free_slot and not self.to_send:
+            if not self._submit_pending(self._cap_left()):
+                break
 
     def _keep_given_up(self, spent: SpentGen) -> None:
         """Keys that gave up in ``spent`` stay given up, though its report is not loaded yet.
@@ -767,6 +786,7 @@ class EnrichmentRun:
                 cast(AbstractContextManager[Any], pipeline.sql_client())
             )
         for chunk in chunks:
+            chunk_started = self.clock()
             rejected: list[dict[str, Any]] = []
             reused: list[dict[str, Any]] = []
             inputs: list[dict[str, Any]] = []
@@ -798,6 +818,7 @@ class EnrichmentRun:
                 yield from self._emit(self.s.names.outcomes, reused)
                 self.wrote_outcomes = True
             per_job = self.sched.records_per_job
+            self.chunk_s = self.clock() - chunk_started
             while not stopped and len(self.pending.items) >= per_job:
                 # Free slots first, finished jobs after: a slot left idle while results
                 # are turned into rows is wall time lost (every job of a round ends at once).
@@ -807,6 +828,10 @@ class EnrichmentRun:
                 if sched.has_free_slot and not backlogged:
                     stopped = not self._submit_pending(per_job)
                 elif sched.has_ready:
+                    if not backlogged:
+                        self._await(sched.let_looks_in(self._window(self.settle_s)))
+                        if sched.has_free_slot:
+                            continue  # submit into it first
                     fin = sched.take_ready()
                     if backlogged:
                         # Taking these results made room for the next job's: let its
@@ -823,7 +848,12 @@ class EnrichmentRun:
                         self._await(_steps(_STEPS_TO_SEND))  # as above
                         yield from self._settle(finished)
                 elif len(self.pending.items) < sched.settings.concurrent_jobs * per_job:
-                    break  # read on while waiting: a round's records ready when slots free
+                    # Read on while waiting: a round's records ready when slots free. The
+                    # looks due while the next chunk is read come first (as for results).
+                    self._await(sched.let_looks_in(self._window(self.chunk_s)))
+                    if sched.has_free_slot:
+                        continue  # submit into it first
+                    break
                 else:
                     # Nothing to do but wait: for a slot, or for a job's results (rows
                     # built meanwhile), whichever comes first. Cannot submit: stop reading.
@@ -955,7 +985,9 @@ class EnrichmentRun:
         """Write what a finished job means: its results, or its spending and resend."""
         self.stats.jobs_done += 1
         if fin.kind == COMPLETED and fin.results is not None:
+            started = self.clock()
             yield from self._collect(fin)
+            self.settle_s = self.clock() - started
             return
         entry = fin.entry
         resend, exhausted = [], []

@@ -16,6 +16,7 @@ Clock, sleep and randomness are injected so the hard cases are testable without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -74,6 +75,7 @@ _SPREAD_SHARE = 0.08  # but no later than this much after the earliest end progr
 _MIN_AGE_SHARE = 0.05  # no two looks closer than this share of the job's age
 _AGE_SHARE = 0.5  # without progress to go by, wait this share of the job's age
 _JITTER = 0.002  # waits are stretched by up to this share (never shortened)
+_LOOK_ROUND_TRIP = 0.05  # how long let_looks_in gives a due look to be answered
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class JobScheduler:
         self._polling = 0  # pollers still running
         self._results_room = asyncio.Semaphore(_HELD_RESULTS)
         self._news = asyncio.Event()  # set when a slot is freed or a finished job queued
+        self._look_at: dict[str, float] = {}  # entry id -> when its poller looks next
 
     async def close(self) -> None:
         """Stop polling (jobs still running are carried over by the journal)."""
@@ -395,6 +398,8 @@ class JobScheduler:
             while True:
                 if self.remaining <= 0 or self.stop_error is not None:
                     return  # carried over: the job still runs on the server
+                self._look_at[entry.entry_id] = self.clock() + max(delay, 0.0)
+                self._news.set()  # a look was answered: let_looks_in sees the next one
                 if delay > 0:
                     await self._nap(delay)
                     if self.remaining <= 0:
@@ -454,6 +459,7 @@ class JobScheduler:
         finally:
             self._polling -= 1
             self._pacers.pop(entry.entry_id, None)
+            self._look_at.pop(entry.entry_id, None)
             await self._free_slot_of(entry)
 
     async def _delivered(self, entry: Entry) -> Finished | None:
@@ -484,6 +490,7 @@ class JobScheduler:
 
     async def _free_slot_of(self, entry: Entry) -> None:
         """Give back the slot of ``entry``'s job, once."""
+        self._look_at.pop(entry.entry_id, None)  # its looks are over
         if entry.entry_id not in self._slot_freed_for:
             self._slot_freed_for.add(entry.entry_id)
             await self._release_slot()
@@ -589,6 +596,24 @@ class JobScheduler:
                 )
             except asyncio.TimeoutError:
                 continue
+
+    async def let_looks_in(self, seconds: float) -> None:
+        """Let the looks due within ``seconds`` happen first, until one frees a slot.
+
+        For a run about to turn a job's results into rows, which holds the event loop for
+        ``seconds``: a look due meanwhile would come late, and so would the submit into
+        the slot it frees. A round's jobs end together, so its last slots would start a
+        little later every round. Waits ``seconds`` (and a round trip) at most.
+        """
+        end = self.clock() + seconds
+        while self.can_submit and not self.has_free_slot:
+            soonest = min(self._look_at.values(), default=math.inf)
+            left = end + _LOOK_ROUND_TRIP - self.clock()
+            if soonest > end or left <= 0:
+                return
+            self._news.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._news.wait(), timeout=left)
 
     def _raise_poller_crash(self) -> None:
         """Re-raise a bug in a poll task instead of silently carrying its job over."""

@@ -282,6 +282,36 @@ def test_wait_for_work_ends_at_a_free_slot_or_a_finished_job_not_only_at_a_slot(
     assert _run(go()) == (True, False)
 
 
+def test_let_looks_in_waits_for_a_look_due_within_the_window_and_not_for_a_later_one() -> None:
+    """The run lets due looks (and the submits into the slots they free) come before rows."""
+    client, t = ScriptedClient([]), FakeTime()
+    client.estimate = 10  # the first look comes at 5 s
+    client.status_script = ["completed"]
+    sched = _scheduler(client, t, concurrent_jobs=1)
+    go_on = asyncio.Event()
+
+    async def nap(seconds: float) -> None:  # pollers nap until the test lets them go
+        await go_on.wait()
+        t.now += seconds
+
+    sched.sleep = nap
+
+    async def go() -> tuple[int, bool, bool, bool]:
+        assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        await asyncio.wait_for(sched.let_looks_in(1.0), timeout=1)  # due in 5 s: not waited
+        early = (client.status_calls, sched.has_free_slot)
+        waiting = asyncio.ensure_future(sched.let_looks_in(6.0))
+        await asyncio.sleep(0.01)
+        blocked = not waiting.done()
+        go_on.set()  # the look happens, sees the job completed and frees its slot
+        await asyncio.wait_for(waiting, timeout=1)
+        freed = sched.has_free_slot
+        await sched.close()
+        return *early, blocked, freed
+
+    assert _run(go()) == (0, False, True, True)
+
+
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
     client, t = ScriptedClient([]), FakeTime()
     sched = _scheduler(client, t)
