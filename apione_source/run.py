@@ -114,7 +114,7 @@ _STEPS_TO_SEND = 8
 # What the first load of a run is taken to cost (seconds) before one is measured, and the
 # margin a load must fit in before the next job should end, to end a slice early for it.
 _FIRST_LOAD_GUESS_S = 1.0
-_MIN_LOOK_WINDOW_S = 0.05  # see EnrichmentRun._window
+_MIN_LOOK_WINDOW_S, _MAX_LOOK_WINDOW_S = 0.05, 0.5  # see EnrichmentRun._looks_first
 _LOAD_MARGIN = 1.5
 
 
@@ -620,21 +620,28 @@ class EnrichmentRun:
             fin = self._await(sched.next_finished())
             if fin is None:
                 break
-            if self.pending.items or self.to_send:
-                self._await(sched.let_looks_in(self._window(self.settle_s)))
+            if fin.kind == COMPLETED and self._looks_first():
                 self._fill_free_slots()
             yield from self._settle(fin)
         yield from self._finish()
 
-    @staticmethod
-    def _window(busy_s: float) -> float:
-        """How far ahead looks come first, before work that last took ``busy_s``.
+    def _looks_first(self, busy_s: float | None = None) -> bool:
+        """Before work that holds the event loop: the looks due meanwhile happen first.
 
-        That work holds the event loop, so a look due meanwhile would come late, and with
-        it the submit into the slot it frees. Twice the last time (turning results into
-        rows now and then also writes dlt's buffers), 50 ms at least.
+        The work last took ``busy_s`` (default: turning a job's results into rows); a
+        look due meanwhile would come late, and with it the submit into the slot it
+        frees. Looks coming within twice that (the work now and then also writes dlt's
+        buffers), 50 ms to 0.5 s, are let in. Only worth it with records to submit.
+
+        Returns:
+            True when a slot is free now.
         """
-        return max(2.0 * busy_s, _MIN_LOOK_WINDOW_S)
+        if not (self.pending.items or self.to_send):
+            return False
+        busy = self.settle_s if busy_s is None else busy_s
+        window = min(max(2.0 * busy, _MIN_LOOK_WINDOW_S), _MAX_LOOK_WINDOW_S)
+        self._await(self.sched.let_looks_in(window))
+        return self.sched.has_free_slot
 
     def _fill_free_slots(self) -> None:
         """Every free slot first: a job's turn must not wait for other jobs' rows."""
@@ -828,11 +835,12 @@ class EnrichmentRun:
                 if sched.has_free_slot and not backlogged:
                     stopped = not self._submit_pending(per_job)
                 elif sched.has_ready:
-                    if not backlogged:
-                        self._await(sched.let_looks_in(self._window(self.settle_s)))
-                        if sched.has_free_slot:
-                            continue  # submit into it first
                     fin = sched.take_ready()
+                    if not backlogged and fin.kind == COMPLETED and self._looks_first():
+                        while len(self.pending.items) >= per_job and sched.has_free_slot:
+                            if not self._submit_pending(per_job):
+                                stopped = True
+                                break
                     if backlogged:
                         # Taking these results made room for the next job's: let its
                         # poller ask for them now, so ApiOne prepares them while this
@@ -850,9 +858,8 @@ class EnrichmentRun:
                 elif len(self.pending.items) < sched.settings.concurrent_jobs * per_job:
                     # Read on while waiting: a round's records ready when slots free. The
                     # looks due while the next chunk is read come first (as for results).
-                    self._await(sched.let_looks_in(self._window(self.chunk_s)))
-                    if sched.has_free_slot:
-                        continue  # submit into it first
+                    if self._looks_first(self.chunk_s):
+                        continue  # a slot came free: submit into it first
                     break
                 else:
                     # Nothing to do but wait: for a slot, or for a job's results (rows

@@ -71,6 +71,7 @@ _STOP_CHECK_SECONDS = 0.5
 _FIRST_LOOK_SHARE = 0.5  # first look this far into the estimate: early enough to see
 # progress even when the estimate is too high or the job fast, late enough to measure it
 _LATE_SHARE = 0.002  # look this much after the predicted end, so the look sees it done
+_LATE_MIN_SECONDS = 0.01  # and at least this much (a round trip, the clocks' grain)
 _SPREAD_SHARE = 0.08  # but no later than this much after the earliest end progress allows
 _MIN_AGE_SHARE = 0.05  # no two looks closer than this share of the job's age
 _AGE_SHARE = 0.5  # without progress to go by, wait this share of the job's age
@@ -470,6 +471,7 @@ class JobScheduler:
         bills, its records); a store that cannot be read is polled around.
         """
         assert self.delivered is not None
+        self._look_at.pop(entry.entry_id, None)  # not a look the run should wait for
         if not await self._room_for_results():  # as polling waits before fetching results
             return None
         try:
@@ -598,22 +600,27 @@ class JobScheduler:
                 continue
 
     async def let_looks_in(self, seconds: float) -> None:
-        """Let the looks due within ``seconds`` happen first, until one frees a slot.
+        """Let the looks coming within ``seconds`` happen first, until one frees a slot.
 
-        For a run about to turn a job's results into rows, which holds the event loop for
-        ``seconds``: a look due meanwhile would come late, and so would the submit into
-        the slot it frees. A round's jobs end together, so its last slots would start a
-        little later every round. Waits ``seconds`` (and a round trip) at most.
+        For a run about to do work that holds the event loop for ``seconds`` (turning
+        results into rows, reading input): a look due meanwhile would come late, and so
+        would the submit into the slot it frees. A round's jobs end together, so its
+        last slots would start a little later every round. Only pollers waiting for
+        their time count: a look already due is under way. Waits ``seconds`` (and a
+        round trip) at most, in real time; a stop request ends it within half a second.
         """
-        end = self.clock() + seconds
-        while self.can_submit and not self.has_free_slot:
-            soonest = min(self._look_at.values(), default=math.inf)
-            left = end + _LOOK_ROUND_TRIP - self.clock()
-            if soonest > end or left <= 0:
-                return
+        now = self.clock()
+        if not any(now < at <= now + seconds for at in self._look_at.values()):
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds + _LOOK_ROUND_TRIP
+        while self.can_submit and not self.has_free_slot and (left := end - loop.time()) > 0:
             self._news.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._news.wait(), timeout=left)
+                await asyncio.wait_for(self._news.wait(), timeout=min(left, _STOP_CHECK_SECONDS))
+            now = self.clock()
+            if not any(at <= now + seconds for at in self._look_at.values()):
+                return  # the looks came and freed nothing: their jobs still run
 
     def _raise_poller_crash(self) -> None:
         """Re-raise a bug in a poll task instead of silently carrying its job over."""
@@ -778,12 +785,13 @@ class _Pacer:
             latest_left = elapsed * (total - done) / done
             earliest_end = elapsed * total / (done + 1)  # processing time, from started
             soonest = earliest_end * (1.0 + _SPREAD_SHARE) - elapsed
-            return max(0.0, min(latest_left * (1.0 + _LATE_SHARE), soonest))
+            late = max(latest_left * _LATE_SHARE, _LATE_MIN_SECONDS)
+            return max(0.0, min(latest_left + late, soonest))
         # No start time: the rate between the first look that saw progress and this one.
         first_at, first_done = self._first_progress
         if done > first_done and seen_at > first_at:
             latest_left = (seen_at - first_at) * (total - done) / (done - first_done)
-            return latest_left * (1.0 + _LATE_SHARE)
+            return latest_left + max(latest_left * _LATE_SHARE, _LATE_MIN_SECONDS)
         return None
 
     def _started(self, job: Job, wall_offset: float) -> float | None:

@@ -312,6 +312,31 @@ def test_let_looks_in_waits_for_a_look_due_within_the_window_and_not_for_a_later
     assert _run(go()) == (0, False, True, True)
 
 
+def test_a_stop_request_ends_let_looks_in_within_half_a_second() -> None:
+    client, t = ScriptedClient([]), FakeTime()
+    client.estimate = 10  # the first look comes at 5 s, and never does: pollers stay asleep
+    sched = _scheduler(client, t, concurrent_jobs=1)
+    stop = [False]
+    sched.should_stop = lambda: stop[0]
+
+    async def asleep(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    sched.sleep = asleep
+
+    async def go() -> float:
+        assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
+        waiting = asyncio.ensure_future(sched.let_looks_in(6.0))
+        await asyncio.sleep(0.05)
+        stop[0] = True
+        started = time.monotonic()
+        await asyncio.wait_for(waiting, timeout=2)
+        await sched.close()
+        return time.monotonic() - started
+
+    assert _run(go()) <= 0.6
+
+
 def test_given_a_stop_request_when_submitting_then_nothing_more_is_sent() -> None:
     client, t = ScriptedClient([]), FakeTime()
     sched = _scheduler(client, t)
