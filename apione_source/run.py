@@ -640,7 +640,8 @@ class EnrichmentRun:
             return False
         busy = self.settle_s if busy_s is None else busy_s
         window = min(max(2.0 * busy, _MIN_LOOK_WINDOW_S), _MAX_LOOK_WINDOW_S)
-        self._await(self.sched.let_looks_in(window))
+        if self.sched.looks_coming(window):  # else no turn of the event loop for nothing
+            self._await(self.sched.let_looks_in(window))
         return self.sched.has_free_slot
 
     def _fill_free_slots(self) -> None:

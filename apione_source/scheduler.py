@@ -599,6 +599,11 @@ class JobScheduler:
             except asyncio.TimeoutError:
                 continue
 
+    def looks_coming(self, seconds: float) -> bool:
+        """True when a poller waits for its time to look, and that is within ``seconds``."""
+        now = self.clock()
+        return any(now < at <= now + seconds for at in self._look_at.values())
+
     async def let_looks_in(self, seconds: float) -> None:
         """Let the looks coming within ``seconds`` happen first, until one frees a slot.
 
@@ -609,8 +614,7 @@ class JobScheduler:
         their time count: a look already due is under way. Waits ``seconds`` (and a
         round trip) at most, in real time; a stop request ends it within half a second.
         """
-        now = self.clock()
-        if not any(now < at <= now + seconds for at in self._look_at.values()):
+        if not self.looks_coming(seconds):
             return
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds + _LOOK_ROUND_TRIP
