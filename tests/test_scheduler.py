@@ -33,6 +33,7 @@ from apione_source.scheduler import (
     VANISHED,
     JobScheduler,
     SchedulerSettings,
+    _Pacer,
 )
 
 
@@ -765,3 +766,24 @@ def test_given_a_job_predicted_past_its_timeout_when_polling_then_it_times_out_o
     assert finished[0].kind == TIMED_OUT
     assert 100.0 < t.now - T0 <= 100.0 + 0.2
     assert client.calls_per_job() <= 4
+
+
+def test_a_look_by_progress_comes_at_least_a_round_trip_after_the_predicted_end() -> None:
+    """0.2% of a short job's remaining time is less than a round trip: a look then would
+    come before the end the server sees, and cost one more status call."""
+    pacer = _Pacer(SchedulerSettings(10, 1, 100.0), random.Random(1), 0.0, 4.0, 1e9)
+    created = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    job = Job(
+        job_id="job_1",
+        status="processing",
+        type="company",
+        total_records=1000,
+        processed_records=500,
+        created_at=created,
+        started_at=created,
+    )
+
+    wait = pacer.next_wait(job, seen_at=2.0, now=2.0, wall_offset=0.0)
+
+    # half done in 2 s: it ends 2 s from now, and the look comes 10 ms after, not 4 ms
+    assert 2.0 + 0.01 <= wait <= (2.0 + 0.01) * 1.01
