@@ -662,6 +662,11 @@ class SqlStore:
                 self._client.truncate_tables(*present)
 
     @property
+    def client(self) -> Any:
+        """The open dlt SQL client the store writes through."""
+        return self._client
+
+    @property
     def _qualified(self) -> str:
         return str(self._client.make_qualified_table_name(self._table))
 

@@ -81,6 +81,7 @@ from apione_source.reader import (
     encode_cursor,
 )
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
+from apione_source.settle import appended_tables, appends, settle
 from apione_source.tables import (
     FINAL_STATUSES,
     ListRows,
@@ -342,6 +343,8 @@ class EnrichmentRun:
         # loads it (see after_last_load), else closed with the rest.
         self._store_stack = ExitStack()
         self.store: SqlStore | None = None
+        self.dialect = ""
+        self.schema_name = ""
         self._body: Generator[Any, None, None] | None = None
         self._closed = False
 
@@ -447,8 +450,23 @@ class EnrichmentRun:
         the last package too reaches the file without dlt's staging copies.
         """
         if self._closed:
+            self._settle_loads()
             self._checkpoint(pipeline)
         self.close()
+
+    def _settle_loads(self, unfinished: bool = False) -> None:
+        """Take out what loads wrote twice into the appended tables (settle.py).
+
+        ``unfinished``: also what loads that never completed left (at the run's start).
+        """
+        if self.store is not None and appends(self.dialect):
+            settle(
+                self.store.client,
+                self.dialect,
+                self.s.names,
+                self.schema_name,
+                unfinished=unfinished,
+            )
 
     def _checkpoint(self, pipeline: dlt.Pipeline) -> None:
         """Write the loaded rows into the DuckDB file, minus dlt's staging copies.
@@ -475,7 +493,8 @@ class EnrichmentRun:
         stack.enter_context(_fewer_collections())
         lock = RunLock(pipeline.pipelines_dir, str(pipeline.dataset_name), names.outcomes)
         stack.callback(lock.release)
-        dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
+        dialect = self.dialect = pipeline.destination.destination_type.rsplit(".", 1)[-1]
+        self.schema_name = dlt.current.source_schema().name
         store = self.store = self._store_stack.enter_context(
             SqlStore(pipeline.sql_client, names.journal, dialect)
         )
@@ -484,6 +503,9 @@ class EnrichmentRun:
             store, names.outcomes, pipeline.pipeline_name, load_id, self.wall_clock
         )
         self.journal.open(lambda loads: confirmed_loads(pipeline, sorted(loads)))
+        # before any key is looked up in the appended tables: a package that a plain
+        # pipeline.run() (or another worker) loaded since the last run may hold rows twice
+        self._settle_loads(unfinished=True)
         self.loop = asyncio.new_event_loop()
         stack.callback(self.loop.close)
         self.sched = JobScheduler(
@@ -509,6 +531,7 @@ class EnrichmentRun:
         self.state = dlt.current.resource_state()
         self.collected_in_slice = 0
         if self._cut_at is not None:  # dlt loaded the last slice meanwhile
+            self._settle_loads()
             self._checkpoint(dlt.current.pipeline())
             self.load_s = self.clock() - self._cut_at
 
@@ -668,14 +691,23 @@ class EnrichmentRun:
 
         So every table the dbt package reads exists after the first run (a run that
         rejected nothing has no rejections to write). Never the enrichment table under
-        scd2: an empty scd2 load would retire every row already in it.
+        scd2: an empty scd2 load would retire every row already in it. The tables
+        appended on this destination get their disposition here too.
         """
         schema = dlt.current.source_schema()
         names = self.s.names
+        appended = appended_tables(names) if appends(self.dialect) else {}
         for table in table_columns(names):
             if self.s.scd2 and table == names.enrichment:
                 continue
-            if table not in schema.tables or not has_table_seen_data(schema.tables[table]):
+            if table in appended:
+                # appended on this destination (merged elsewhere): switched for this run's
+                # packages before any of its rows, and created if need be
+                hints = dlt.mark.make_hints(table_name=table, write_disposition="append")
+                yield dlt.mark.with_hints(
+                    dlt.mark.materialize_table_schema(), hints, create_table_variant=True
+                )
+            elif table not in schema.tables or not has_table_seen_data(schema.tables[table]):
                 yield dlt.mark.with_table_name(dlt.mark.materialize_table_schema(), table)
 
     def _warn_about_old(self, carried: list[Entry]) -> None:

@@ -1,7 +1,7 @@
 """The tables apione-dlt loads: names, dlt hints, and the rows that go into them.
 
 =====================  =========================  ========================================
-table                  merge key                  one row per
+table                  key                        one row per
 =====================  =========================  ========================================
 ``<p><t>``             ``key``                    enriched key: company, person or email
 ``<p><t>_outcomes``    ``outcome_id``             input row per attempt (job)
@@ -23,7 +23,9 @@ Every table reaches dlt as arrow tables typed by these hints (:mod:`apione_sourc
 which dlt writes as parquet where the destination takes it: its fastest load path.
 Tables are merged ``delete-insert`` on their keys, the one strategy that also drops a
 duplicate inside a load package (a job collected again after a crash, or a load job
-dlt runs twice).
+dlt runs twice). On DuckDB and PostgreSQL the outcome and list tables, which only gain
+rows, are appended instead and such duplicates are taken out once the package has
+loaded (:mod:`apione_source.settle`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class TableNames:
         self.inputs = f"{self.enrichment}_inputs"
         # Not a dlt table: the job journal, written through the SQL client (journal.py).
         self.journal = f"_{prefix}journal"
+        # Not a dlt table: the loads whose appended rows were settled (settle.py).
+        self.settled = f"_{prefix}settled"
 
 
 def utc_from_timestamp(ts: float) -> datetime:

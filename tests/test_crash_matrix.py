@@ -244,8 +244,10 @@ CASES = {
 }
 # dlt 1.31 (a residual of dlt-hub/dlt#3023): a job that committed just before a SIGKILL,
 # before dlt recorded it, runs again when the package is resumed, so a staging table holds
-# its rows twice. Every table is a single table (no nested chain), which delete-insert
-# dedups by primary key: the load_committed cases check that nothing is left twice.
+# its rows twice. The merged tables are single tables (no nested chain), which
+# delete-insert dedups by primary key; the appended ones (outcomes, lists) are settled
+# after the load (apione_source/settle.py): the load_committed cases check that nothing
+# is left twice.
 
 
 def check_after_crash(phase: str, sb: Sandbox, dest: Dest) -> int:

@@ -1,0 +1,261 @@
+"""Settling the appended tables (DuckDB): rows a crash or a late package wrote twice go,
+the last completed load's rows stay, and nothing else is touched.
+
+The tables are built by hand in a real DuckDB file, as dlt leaves them: ``_dlt_loads`` and
+appended rows carrying ``_dlt_load_id`` and ``_dlt_id``. The schedules that produce them
+end to end are in ``test_crash_matrix.py`` (a load job run twice) and
+``tests/warehouses/scenarios.py`` (a package loaded after its jobs were collected again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import dlt
+import pytest
+
+from apione_source.settle import settle
+from tests.e2e import COMPANY
+
+SCHEMA = "apione"
+OUT = "<outcomes>"
+TAGS = "<tags>"
+SETTLED = "<settled>"
+LOADS = "<loads>"
+
+
+class Db:
+    """A dlt SQL client whose statements name the tables as ``<outcomes>``, ``<tags>``..."""
+
+    def __init__(self, client: Any, dialect: str) -> None:
+        self.client, self.dialect = client, dialect
+        q = client.make_qualified_table_name
+        self.names = {
+            OUT: q(COMPANY.outcomes),
+            TAGS: q(COMPANY.lists["tags"]),
+            SETTLED: q(COMPANY.settled),
+            LOADS: q("_dlt_loads"),
+        }
+
+    def _sql(self, sql: str) -> str:
+        for placeholder, name in self.names.items():
+            sql = sql.replace(placeholder, name)
+        return sql
+
+    def execute_sql(self, sql: str, *args: Any) -> None:
+        self.client.execute_sql(self._sql(sql), *args)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        with self.client.execute_query(self._sql(sql)) as cur:
+            return sorted(tuple(r) for r in cur.fetchall())
+
+
+def open_db(destination: Any, dataset: str, pipelines_dir: Path, dialect: str) -> Iterator[Db]:
+    """A fresh dataset of ``destination``, as a :class:`Db` (dropped afterwards)."""
+    pipeline = dlt.pipeline(
+        "settle", destination=destination, dataset_name=dataset, pipelines_dir=str(pipelines_dir)
+    )
+    with pipeline.sql_client() as opened:
+        opened.create_dataset()
+        try:
+            yield Db(opened, dialect)
+        finally:
+            opened.drop_dataset()
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[Db]:
+    destination = dlt.destinations.duckdb(str(tmp_path / "w.duckdb"))
+    yield from open_db(destination, "enriched", tmp_path / "pipelines", "duckdb")
+
+
+def _tables(client: Db) -> None:
+    client.execute_sql(
+        f"CREATE TABLE {LOADS} (load_id VARCHAR, schema_name VARCHAR, "
+        "status BIGINT, inserted_at TIMESTAMPTZ, schema_version_hash VARCHAR)"
+    )
+    client.execute_sql(
+        f"CREATE TABLE {OUT} (outcome_id VARCHAR, job_id VARCHAR, status VARCHAR, "
+        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
+    )
+    client.execute_sql(
+        f"CREATE TABLE {TAGS} (key VARCHAR, job_id VARCHAR, idx BIGINT, value VARCHAR, "
+        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
+    )
+    assert _settle(client) == 0  # a run's start, before it appends anything
+
+
+def _completed(client: Db, load_id: str, day: int, schema: str = SCHEMA) -> None:
+    client.execute_sql(
+        f"INSERT INTO {LOADS} VALUES (%s, %s, 0, %s, '')",
+        load_id,
+        schema,
+        datetime(2026, 10, 1, tzinfo=timezone.utc) + timedelta(days=day),
+    )
+
+
+def _outcome(client: Db, outcome_id: str, job_id: str, status: str, load_id: str) -> None:
+    client.execute_sql(
+        f"INSERT INTO {OUT} VALUES (%s, %s, %s, %s, %s)",
+        outcome_id,
+        job_id,
+        status,
+        load_id,
+        f"{load_id}-{outcome_id}",
+    )
+
+
+def _tags(client: Db, job_id: str, load_id: str, n: int = 2) -> None:
+    for idx in range(n):
+        client.execute_sql(
+            f"INSERT INTO {TAGS} VALUES ('k.com', %s, %s, %s, %s, %s)",
+            job_id,
+            idx,
+            f"tag{idx}",
+            load_id,
+            f"{load_id}-{job_id}-{idx}",
+        )
+
+
+def _rows(client: Db, sql: str) -> list[tuple[Any, ...]]:
+    return client.rows(sql)
+
+
+def _settle(client: Db, unfinished: bool = False) -> int:
+    return settle(client.client, client.dialect, COMPANY, SCHEMA, unfinished=unfinished)
+
+
+def test_before_any_load_there_is_nothing_to_settle(client: Db) -> None:
+    assert _settle(client) == 0
+
+
+def test_a_load_job_run_twice_leaves_each_row_once_and_a_load_is_settled_once(
+    client: Db,
+) -> None:
+    _tables(client)
+    _completed(client, "L1", 1)
+    for _ in range(2):  # dlt ran the load job again after a kill: the same rows twice
+        _outcome(client, "o1", "j1", "matched", "L1")
+        _outcome(client, "o2", "j1", "not_found", "L1")
+        _tags(client, "j1", "L1")
+    assert _settle(client) == 4
+    assert _rows(client, f"SELECT outcome_id, status FROM {OUT}") == [
+        ("o1", "matched"),
+        ("o2", "not_found"),
+    ]
+    assert _rows(client, f"SELECT idx FROM {TAGS}") == [(0,), (1,)]
+    # settled: a second pass looks at nothing, even rows put in twice since
+    _outcome(client, "o1", "j1", "matched", "L1")
+    assert _settle(client) == 0
+    assert len(_rows(client, f"SELECT * FROM {OUT}")) == 3
+
+
+def test_a_job_in_two_completed_loads_keeps_the_rows_of_the_last_completed(client: Db) -> None:
+    _tables(client)
+    _completed(client, "L1", 1)
+    _outcome(client, "o1", "j1", "first", "L1")
+    _outcome(client, "o9", "j9", "only in L1", "L1")
+    _tags(client, "j1", "L1")
+    assert _settle(client) == 0
+    _completed(client, "L2", 2)  # the job collected again, loaded later
+    _outcome(client, "o1", "j1", "second", "L2")
+    _tags(client, "j1", "L2")
+    assert _settle(client) == 3
+    assert _rows(client, f"SELECT outcome_id, status, _dlt_load_id FROM {OUT}") == [
+        ("o1", "second", "L2"),
+        ("o9", "only in L1", "L1"),
+    ]
+    assert _rows(client, f"SELECT DISTINCT _dlt_load_id FROM {TAGS}") == [("L2",)]
+
+
+def test_a_load_settled_late_does_not_win_over_one_that_completed_after_it(
+    client: Db,
+) -> None:
+    """L1 completed before L2 but is settled after it (two workers): L2's rows stay."""
+    _tables(client)
+    _completed(client, "L2", 2)
+    _outcome(client, "o1", "j1", "second", "L2")
+    assert _settle(client) == 0
+    _completed(client, "L1", 1)
+    _outcome(client, "o1", "j1", "first", "L1")
+    assert _settle(client) == 1
+    assert _rows(client, f"SELECT status FROM {OUT}") == [("second",)]
+
+
+def test_rows_of_a_load_that_never_completed_give_way_and_only_where_one_did(
+    client: Db,
+) -> None:
+    _tables(client)
+    # a package that loaded its outcomes and died: its jobs were collected again
+    _outcome(client, "o1", "j1", "from the dead package", "DEAD")
+    _outcome(client, "o5", "j5", "nobody else has it", "DEAD")
+    _tags(client, "j1", "DEAD")
+    _completed(client, "L1", 1)
+    _outcome(client, "o1", "j1", "collected again", "L1")
+    _tags(client, "j1", "L1")
+    assert _settle(client) == 3
+    assert _rows(client, f"SELECT outcome_id, status FROM {OUT}") == [
+        ("o1", "collected again"),
+        ("o5", "nobody else has it"),
+    ]
+    assert _rows(client, f"SELECT DISTINCT _dlt_load_id FROM {TAGS}") == [("L1",)]
+
+
+def test_the_first_settle_takes_every_load_before_it_as_settled(client: Db) -> None:
+    """Loads before a scope's first settle were merged (an earlier version): not scanned."""
+    _tables(client)  # settles once: the scope is known from here on
+    client.execute_sql(f"DELETE FROM {SETTLED}")  # as before an upgrade
+    _completed(client, "MERGED", 1)
+    _outcome(client, "o1", "j1", "x", "MERGED")
+    _outcome(client, "o1", "j1", "x", "MERGED")  # cannot happen under a merge: left alone
+    assert _settle(client) == 0
+    assert len(_rows(client, f"SELECT * FROM {OUT}")) == 2
+    assert _rows(client, f"SELECT load_id FROM {SETTLED}") == [("",), ("MERGED",)]
+    _completed(client, "L2", 2)
+    _outcome(client, "o2", "j2", "x", "L2")
+    _outcome(client, "o2", "j2", "x", "L2")
+    assert _settle(client) == 1  # the first load after it is settled
+
+
+def test_rows_a_dead_package_wrote_after_its_twin_settled_go_at_the_next_start(
+    client: Db,
+) -> None:
+    _tables(client)
+    _completed(client, "L1", 1)
+    _outcome(client, "o1", "j1", "collected again", "L1")
+    assert _settle(client) == 0
+    # the late package resumed, loaded its outcomes, and was killed for good
+    _outcome(client, "o1", "j1", "late", "DEAD")
+    _outcome(client, "o7", "j7", "late, and nobody else has it", "DEAD")
+    assert _settle(client) == 0  # after a load: only completed loads are looked at
+    assert _settle(client, unfinished=True) == 1  # a run's start
+    assert _rows(client, f"SELECT outcome_id, status FROM {OUT}") == [
+        ("o1", "collected again"),
+        ("o7", "late, and nobody else has it"),
+    ]
+
+
+def test_the_horizon_follows_this_scopes_own_loads(client: Db) -> None:
+    _tables(client)
+    _completed(client, "OURS", 1)
+    _outcome(client, "o1", "j1", "x", "OURS")
+    _outcome(client, "o1", "j1", "x", "OURS")
+    # another source loads the dataset daily: our month-old load is still settled
+    _completed(client, "OTHER", 45, schema="another_source")
+    _outcome(client, "o2", "j2", "x", "OTHER")
+    _outcome(client, "o2", "j2", "x", "OTHER")
+    assert _settle(client) == 1
+    assert len(_rows(client, f"SELECT * FROM {OUT} WHERE _dlt_load_id = 'OTHER'")) == 2
+    # a load completing (by its clock) over 30 days before our newest settled one is not
+    # looked at, and marks that old are forgotten
+    _completed(client, "NEW", 60)
+    assert _settle(client) == 0
+    _completed(client, "SKEWED", 20)
+    _outcome(client, "o3", "j3", "x", "SKEWED")
+    _outcome(client, "o3", "j3", "x", "SKEWED")
+    assert _settle(client) == 0
+    settled = _rows(client, f"SELECT load_id FROM {SETTLED}")
+    assert settled == [("",), ("NEW",)]
