@@ -137,7 +137,7 @@ def apione(
     table_prefix: str = "apione_",
     scd2: bool = False,
     chunk_size: int = 10_000,
-    records_per_load: int = 50_000,
+    records_per_load: int = 34_000,
 ) -> DltResource:
     """Enrich the rows of a warehouse table with ApiOne and load the results.
 
@@ -183,7 +183,8 @@ def apione(
         chunk_size: Input rows read per query round trip.
         records_per_load: With ``run_enrichment``, results are loaded every this many
             records while the next jobs run (one load package each); a plain
-            ``pipeline.run`` loads the whole run as one package.
+            ``pipeline.run`` loads the whole run as one package. A package's load is the
+            run's memory peak: 34,000 keeps 100k records under 600 MB on DuckDB.
 
     Returns:
         The ``<type>_enrichment`` resource (e.g. ``company_enrichment``), which loads
