@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet
 
-JOURNAL_TABLE = "_apione_journal"
+BOOKKEEPING_PREFIX = "_apione_"  # the connector's journal and settled loads: not data
 
 
 def read_tables(db: Path, dataset: str) -> dict[str, pa.Table]:
@@ -39,7 +39,7 @@ def read_tables(db: Path, dataset: str) -> dict[str, pa.Table]:
         ]
         tables: dict[str, pa.Table] = {}
         for name in names:
-            if name.startswith("_dlt_") or name == JOURNAL_TABLE:
+            if name.startswith(("_dlt_", BOOKKEEPING_PREFIX)):
                 continue
             cols = [
                 str(r[0])

@@ -14,7 +14,8 @@ INPUT_DATASET = "crm"
 INPUT_TABLE = "companies"
 OUTPUT_DATASET = "enriched"
 #: The connector's own bookkeeping (written through the SQL client, not by dlt).
-JOURNAL_TABLE = "_apione_journal"
+# The connector's own bookkeeping (its job journal, its settled loads): not data.
+BOOKKEEPING_PREFIX = "_apione_"
 
 
 def domain_sql(column: str) -> str:
@@ -58,14 +59,14 @@ def input_domains(path: Path) -> list[str]:
 
 
 def data_tables(con: duckdb.DuckDBPyConnection, dataset: str) -> list[str]:
-    """Tables of ``dataset`` holding data: not dlt's ``_dlt_*`` ones, not the journal."""
+    """Tables of ``dataset`` holding data: not dlt's ``_dlt_*`` ones, not bookkeeping."""
     rows = con.execute(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = ? "
         "ORDER BY table_name",
         [dataset],
     ).fetchall()
     names = [str(r[0]) for r in rows]
-    return [t for t in names if not t.startswith("_dlt_") and t != JOURNAL_TABLE]
+    return [t for t in names if not t.startswith(("_dlt_", BOOKKEEPING_PREFIX))]
 
 
 def row_counts(path: Path, dataset: str = OUTPUT_DATASET) -> dict[str, int]:
