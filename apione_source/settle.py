@@ -25,17 +25,17 @@ Every completed load is settled once (``_<prefix>settled`` records which, for 30
 after the scope's newest). The run settles at its start and after each of its loads, so a
 package that something else loaded (a plain ``pipeline.run()``) is settled by the next
 run. At its start it also looks for rows of loads that never completed (a package killed
-midway, then abandoned) whose keys a completed load holds.
+midway, then abandoned) whose keys a completed load holds. A scope's first settle (a new
+dataset, or an upgrade from a version that merged these tables) takes the loads before it
+as settled once a look over the tables finds nothing twice.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
-
-from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from apione_source.history import LOADS_TABLE
 from apione_source.tables import TableNames
@@ -50,6 +50,7 @@ APPEND_DIALECTS = ("duckdb", "postgres")
 # settled load: a load that completed earlier would have had to escape every settle since.
 HORIZON = "30 days"
 _CHUNK = 200  # load ids per IN (...)
+LOCK_TIMEOUT = "10min"  # PostgreSQL: how long a settle waits for another worker's
 _FIRST = ""  # the mark a scope's first settle leaves: what loaded before it was merged
 
 
@@ -84,12 +85,20 @@ def settle(
         client.execute_sql(
             f"CREATE TABLE IF NOT EXISTS {q.marks} ({q.col('scope')} TEXT, {q.col('load_id')} TEXT)"
         )
+        # Which tables exist, asked without an error: on PostgreSQL dlt resets the
+        # connection after a failed statement, which would drop the lock.
+        present = q.present_tables()
+        if LOADS_TABLE not in present:
+            return 0  # no load completed yet
+        tables = {t: k for t, k in appended_tables(names).items() if t in present}
         if not q.column(f"SELECT 1 FROM {q.marks} WHERE {q.col('scope')} = %s LIMIT 1", q.scope):
-            # This scope's first settle: the run appends only after it, so every load
-            # that completed before was merged and holds nothing twice.
-            q.mark_first(schema_name)
-            return 0
-        tables = appended_tables(names)
+            # This scope's first settle. The run appends only after it, so the loads that
+            # completed before were merged: settled, once a look finds nothing twice (it
+            # would, were the marks dropped after appended loads).
+            if not any(q.has_twice(t, k) for t, k in tables.items()):
+                q.mark_first(schema_name)
+                return 0
+            q.mark([_FIRST])  # and every completed load is settled below
         deleted = 0
         if unfinished:
             for table, key in tables.items():
@@ -121,11 +130,8 @@ def _settle_table(q: _Sql, dialect: str, table: str, key: str, load_ids: list[st
         f"SELECT {k} FROM {t} WHERE {k} IN (SELECT {k} FROM {t} WHERE {lid} IN ({marks}))"
         f" GROUP BY {k} HAVING count(DISTINCT {lid}) > 1"
     )
-    try:
-        if not q.column(f"SELECT count(*) FROM ({twice}) d", *load_ids)[0]:
-            twice = ""
-    except DatabaseUndefinedRelation:
-        return 0  # no row of it loaded yet
+    if not q.column(f"SELECT count(*) FROM ({twice}) d", *load_ids)[0]:
+        twice = ""
     deleted = 0
     if twice:
         loads, load_id = q.loads, q.col("load_id")
@@ -188,16 +194,39 @@ class _Sql:
 
         Without it two settles could each see the other's winner as a loser (a load that
         completed while the other's delete ran) and delete both. DuckDB has one writer.
+        A settle waits at most :data:`LOCK_TIMEOUT` for another, then fails.
         """
         if dialect != "postgres":
             yield
             return
-        key = f"apione-settle:{self.scope}"
-        self.client.execute_sql("SELECT pg_advisory_lock(hashtext(%s))", key)
+        key = f"apione-settle:{self.marks}:{self.scope}"
+        self.client.execute_sql(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
+        try:
+            self.client.execute_sql("SELECT pg_advisory_lock(hashtext(%s))", key)
+        finally:
+            self.client.execute_sql("RESET lock_timeout")
         try:
             yield
         finally:
             self.client.execute_sql("SELECT pg_advisory_unlock(hashtext(%s))", key)
+
+    def present_tables(self) -> set[str]:
+        """The tables of the dataset."""
+        with self.client.execute_query(
+            "SELECT table_name FROM information_schema.tables"
+            " WHERE table_catalog = current_database() AND table_schema = %s",
+            self.client.dataset_name,
+        ) as cur:
+            return {row[0] for row in cur.fetchall()}
+
+    def has_twice(self, table: str, key: str) -> bool:
+        """Whether any key of ``table`` is in two loads, or any row twice in one."""
+        t = self.client.make_qualified_table_name(table)
+        k, lid, rid = self.col(key), self.col("_dlt_load_id"), self.col("_dlt_id")
+        return bool(
+            self.column(f"SELECT 1 FROM {t} GROUP BY {k} HAVING count(DISTINCT {lid}) > 1 LIMIT 1")
+            or self.column(f"SELECT 1 FROM {t} GROUP BY {lid}, {rid} HAVING count(*) > 1 LIMIT 1")
+        )
 
     def _since(self) -> str:
         """The oldest completion time still looked at (NULL before any settled load)."""
@@ -211,32 +240,26 @@ class _Sql:
         """Completed loads of ``schema_name`` not settled yet, oldest first."""
         lid, at, scope = self.col("load_id"), self.col("inserted_at"), self.col("scope")
         since = self._since()
-        try:
-            return self.column(
-                f"SELECT l.{lid} FROM {self.loads} l WHERE l.{self.col('status')} = 0"
-                f" AND l.{self.col('schema_name')} = %s"
-                f" AND (l.{at} >= {since} OR {since} IS NULL) AND NOT EXISTS (SELECT 1"
-                f" FROM {self.marks} s WHERE s.{scope} = %s AND s.{lid} = l.{lid})"
-                f" ORDER BY l.{at}, l.{lid}",
-                schema_name,
-                self.scope,
-                self.scope,
-                self.scope,
-            )
-        except DatabaseUndefinedRelation:
-            return []  # no load completed yet
+        return self.column(
+            f"SELECT l.{lid} FROM {self.loads} l WHERE l.{self.col('status')} = 0"
+            f" AND l.{self.col('schema_name')} = %s"
+            f" AND (l.{at} >= {since} OR {since} IS NULL) AND NOT EXISTS (SELECT 1"
+            f" FROM {self.marks} s WHERE s.{scope} = %s AND s.{lid} = l.{lid})"
+            f" ORDER BY l.{at}, l.{lid}",
+            schema_name,
+            self.scope,
+            self.scope,
+            self.scope,
+        )
 
     def unfinished_loads(self, table: str) -> list[str]:
         """Loads that put rows into ``table`` and never completed."""
-        lid = self.col("_dlt_load_id")
-        try:
-            return self.column(
-                f"SELECT DISTINCT {lid} FROM {self.client.make_qualified_table_name(table)}"
-                f" WHERE {lid} NOT IN (SELECT {self.col('load_id')} FROM {self.loads}"
-                f" WHERE {self.col('status')} = 0)"
-            )
-        except DatabaseUndefinedRelation:
-            return []
+        lid, load_id = self.col("_dlt_load_id"), self.col("load_id")
+        return self.column(
+            f"SELECT DISTINCT t.{lid} FROM {self.client.make_qualified_table_name(table)} t"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {self.loads} l"
+            f" WHERE l.{load_id} = t.{lid} AND l.{self.col('status')} = 0)"
+        )
 
     def mark(self, load_ids: list[str]) -> None:
         """Record ``load_ids`` as settled (one statement)."""
@@ -249,13 +272,11 @@ class _Sql:
 
     def mark_first(self, schema_name: str) -> None:
         """The scope's first settle: every completed load counts as settled."""
-        done: list[str] = []
-        with suppress(DatabaseUndefinedRelation):  # no load yet
-            done = self.column(
-                f"SELECT {self.col('load_id')} FROM {self.loads}"
-                f" WHERE {self.col('status')} = 0 AND {self.col('schema_name')} = %s",
-                schema_name,
-            )
+        done = self.column(
+            f"SELECT {self.col('load_id')} FROM {self.loads}"
+            f" WHERE {self.col('status')} = 0 AND {self.col('schema_name')} = %s",
+            schema_name,
+        )
         for start in range(0, len(done), _CHUNK):
             self.mark(done[start : start + _CHUNK])
         # (a crash midway leaves the loads not marked yet to be settled like any other)

@@ -79,15 +79,16 @@ def test_configured_only_by_environment_variables_as_the_readme_shows(
 # --- settling the appended tables (tests/test_settle.py, on PostgreSQL) --------------------
 
 from tests.test_settle import (  # noqa: E402
+    SETTLED,
     Db,
     open_db,
     test_a_job_in_two_completed_loads_keeps_the_rows_of_the_last_completed,  # noqa: F401
     test_a_load_job_run_twice_leaves_each_row_once_and_a_load_is_settled_once,  # noqa: F401
     test_a_load_settled_late_does_not_win_over_one_that_completed_after_it,  # noqa: F401
+    test_a_scopes_first_settle_takes_what_loaded_before_as_settled_once_a_look_agrees,  # noqa: F401
     test_before_any_load_there_is_nothing_to_settle,  # noqa: F401
     test_rows_a_dead_package_wrote_after_its_twin_settled_go_at_the_next_start,  # noqa: F401
     test_rows_of_a_load_that_never_completed_give_way_and_only_where_one_did,  # noqa: F401
-    test_the_first_settle_takes_every_load_before_it_as_settled,  # noqa: F401
     test_the_horizon_follows_this_scopes_own_loads,  # noqa: F401
 )
 
@@ -105,7 +106,7 @@ def test_a_settle_waits_while_another_worker_settles_the_same_scope(
     """Two settles at once could each delete the other's winner: the second one waits."""
     other = psycopg2.connect(postgres_server.replace(":unused@", "@"))
     other.autocommit = True
-    key = f"apione-settle:{COMPANY.outcomes}"
+    key = f"apione-settle:{client.names[SETTLED]}:{COMPANY.outcomes}"  # per dataset
     with other.cursor() as cur:
         cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))  # the other worker's
         done = threading.Event()
