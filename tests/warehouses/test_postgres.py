@@ -11,8 +11,10 @@ from pathlib import Path
 import dlt
 import psycopg2
 import pytest
+from dlt.destinations.exceptions import DatabaseException
 
 from apione_source import apione, run_enrichment
+from apione_source import settle as settle_module
 from apione_source.settle import settle
 from tests.conftest import SANDBOX_API_KEY
 from tests.warehouses.harness import Env
@@ -125,3 +127,20 @@ def test_a_settle_waits_while_another_worker_settles_the_same_scope(
     worker.join(30)
     other.close()
     assert done.is_set()
+
+
+def test_a_settle_that_cannot_get_the_lock_in_time_fails_the_run(
+    client: Db, postgres_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker holding the scope's lock for good must not hang every other run."""
+    monkeypatch.setattr(settle_module, "LOCK_TIMEOUT", "200ms")
+    other = psycopg2.connect(postgres_server.replace(":unused@", "@"))
+    other.autocommit = True
+    try:
+        with other.cursor() as cur:
+            key = f"apione-settle:{client.names[SETTLED]}:{COMPANY.outcomes}"
+            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+            with pytest.raises(DatabaseException, match="lock timeout"):
+                settle(client.client, "postgres", COMPANY, "apione")
+    finally:
+        other.close()
