@@ -50,6 +50,7 @@ import pyarrow as pa
 from dlt.common.json import json as fast_json
 from dlt.destinations.exceptions import DatabaseException
 
+from apione_source.duckdb_cache import release_cached_pages
 from apione_source.errors import JournalCorruptError
 
 # Entry phases (derived, never stored).
@@ -646,6 +647,8 @@ class SqlStore:
             # worth seeing, though the next journal write would fail on it anyway
             busy = "Cannot CHECKPOINT" in str(exc)
             logger.log(logging.DEBUG if busy else logging.WARNING, "no checkpoint: %s", exc)
+            return
+        release_cached_pages(self._client)  # what the checkpoint wrote
 
     def _empty_staging(self, tables: set[str]) -> None:
         """Empty the staging copies of ``tables`` that exist."""

@@ -41,6 +41,7 @@ from dlt.destinations.exceptions import (
 )
 from dlt.destinations.sql_client import SqlClientBase
 
+from apione_source.duckdb_cache import release_cached_pages
 from apione_source.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -423,6 +424,9 @@ def _chunks(
     client.execute_sql(
         f"CREATE TEMPORARY TABLE {name} AS SELECT * FROM ({sql}) AS q({aliases})", *args
     )
+    # the query's pages and the table itself need not stay in memory until the run's
+    # first checkpoint: the table is read a chunk at a time
+    release_cached_pages(client)
     try:
         with client.execute_query(scan) as cur:
             while batch := cur.fetchmany(size):
