@@ -16,35 +16,41 @@ from dlt.destinations.exceptions import DatabaseException
 
 logger = logging.getLogger(__name__)
 
+# How DuckDB shows a limit: a tenth of a 1024^i unit. Bigger units (an unlimited limit
+# shows as PiB) it does not take back, and leaving no limit is the user's choice.
+_SHOWN = re.compile(r"(\d+\.\d) (KiB|MiB|GiB|TiB)")
+
 
 def release_cached_pages(client: Any) -> None:
-    """Evict what DuckDB holds unpinned, keeping the user's ``memory_limit``.
+    """Evict what DuckDB holds unpinned, keeping the user's ``memory_limit``. Best effort.
 
     Lowering the limit for a moment evicts (a temporary table's blocks go to DuckDB's
-    temporary files); the limit is set back at once. Call it only where nothing else runs
-    on the database: the limit is the whole database's.
+    temporary files); the limit is set back at once. Skipped for an in-memory database
+    (evicting would write all of it to temporary files) and without a limit. Call it
+    only where nothing else runs on the database: the limit is the whole database's.
 
     Args:
         client: An open dlt SQL client of a DuckDB database.
     """
-    with client.execute_query("SELECT current_setting('memory_limit')") as cur:
-        limit = _as_set(str(cur.fetchone()[0]))
+    try:
+        with client.execute_query(
+            "SELECT current_setting('memory_limit'), (SELECT path FROM duckdb_databases()"
+            " WHERE database_name = current_database())"
+        ) as cur:
+            shown, path = cur.fetchone()
+    except DatabaseException as exc:
+        logger.debug("cache not released: %s", exc)
+        return
+    match = _SHOWN.fullmatch(str(shown))
+    if not path or match is None:
+        return
     try:
         client.execute_sql("SET memory_limit = '1MB'")
     except DatabaseException as exc:
-        # pinned blocks would not fit: it evicted what it could, the limit is unchanged
+        # some blocks are pinned (a read under way): the rest is evicted all the same
         logger.debug("cache not fully released: %s", exc)
     finally:
-        # a value DuckDB itself printed, as a literal (SET takes no parameters)
-        client.execute_sql("SET memory_limit = '{}'".format(limit.replace("'", "''")))
-
-
-def _as_set(shown: str) -> str:
-    """The limit to set for DuckDB to show ``shown`` again (e.g. ``953.6 MiB``).
-
-    DuckDB shows a limit rounded down to a tenth of its unit; set as shown, 1GB would
-    come back as ``953.5 MiB``, a little less every release. Half a tenth more stays
-    within the shown tenth.
-    """
-    match = re.fullmatch(r"(\d+\.\d)\s*(\w+)", shown.strip())
-    return f"{match[1]}5 {match[2]}" if match else shown
+        # Shown rounded down to a tenth, so set as shown 1GB would come back as
+        # 953.5 MiB; half a tenth more shows as before. Failing here would leave the
+        # database at 1MB: that must not pass quietly.
+        client.execute_sql(f"SET memory_limit = '{match[1]}5 {match[2]}'")

@@ -424,10 +424,10 @@ def _chunks(
     client.execute_sql(
         f"CREATE TEMPORARY TABLE {name} AS SELECT * FROM ({sql}) AS q({aliases})", *args
     )
-    # the query's pages and the table itself need not stay in memory until the run's
-    # first checkpoint: the table is read a chunk at a time
-    release_cached_pages(client)
     try:
+        # the query's pages and the table itself need not stay in memory until the run's
+        # first checkpoint: the table is read a chunk at a time
+        release_cached_pages(client)
         with client.execute_query(scan) as cur:
             while batch := cur.fetchmany(size):
                 yield batch

@@ -1,0 +1,57 @@
+"""Giving DuckDB's cache back never changes the limit a user set, nor fails a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dlt
+import duckdb
+import pytest
+
+from apione_source.duckdb_cache import release_cached_pages
+
+
+def _client(database: object, tmp_path: Path) -> object:
+    pipeline = dlt.pipeline(
+        "cache",
+        destination=dlt.destinations.duckdb(database),
+        dataset_name="d",
+        pipelines_dir=str(tmp_path / "pipelines"),
+    )
+    return pipeline.sql_client()
+
+
+def _one(client: object, sql: str) -> object:
+    with client.execute_query(sql) as cur:  # type: ignore[attr-defined]
+        return cur.fetchone()[0]
+
+
+CACHED = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
+
+
+@pytest.mark.parametrize("limit", ["1GB", "1GiB", "3GB", "500MB", "750KB", "2TB"])
+def test_the_limit_shows_as_the_user_set_it(tmp_path: Path, limit: str) -> None:
+    with _client(str(tmp_path / "w.duckdb"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql(f"SET memory_limit = '{limit}'")
+        shown = _one(client, "SELECT current_setting('memory_limit')")
+        for _ in range(3):
+            release_cached_pages(client)
+        assert _one(client, "SELECT current_setting('memory_limit')") == shown
+
+
+def test_without_a_limit_nothing_changes(tmp_path: Path) -> None:
+    """An unlimited DuckDB shows its limit in PiB, which it does not take back."""
+    with _client(str(tmp_path / "w.duckdb"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql("SET memory_limit = '-1'")
+        shown = _one(client, "SELECT current_setting('memory_limit')")
+        release_cached_pages(client)
+        assert _one(client, "SELECT current_setting('memory_limit')") == shown
+        client.execute_sql("CREATE TABLE t AS SELECT range AS i FROM range(100000)")
+
+
+def test_an_in_memory_database_is_not_written_out(tmp_path: Path) -> None:
+    with _client(duckdb.connect(":memory:"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql("CREATE TABLE t AS SELECT md5(range::VARCHAR) AS s FROM range(300000)")
+        before = int(_one(client, CACHED))  # type: ignore[call-overload]
+        release_cached_pages(client)
+        assert int(_one(client, CACHED)) == before  # type: ignore[call-overload]
