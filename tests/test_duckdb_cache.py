@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 from apione_source.duckdb_cache import release_cached_pages
+from apione_source.reader import _chunks
 
 
 def _client(database: object, tmp_path: Path) -> object:
@@ -55,3 +56,24 @@ def test_an_in_memory_database_is_not_written_out(tmp_path: Path) -> None:
         before = int(_one(client, CACHED))  # type: ignore[call-overload]
         release_cached_pages(client)
         assert int(_one(client, CACHED)) == before  # type: ignore[call-overload]
+
+
+def test_the_input_is_read_a_chunk_at_a_time_without_holding_it_in_memory(
+    tmp_path: Path,
+) -> None:
+    """The read's temporary table and the query's pages are given back once it is made;
+    every row still comes back, in order."""
+    with _client(str(tmp_path / "w.duckdb"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql("SET memory_limit = '1GB'")
+        client.execute_sql(
+            "CREATE TABLE big AS SELECT range AS i, md5(range::VARCHAR) || md5((-range)::VARCHAR)"
+            " AS s FROM range(1000000)"
+        )
+        client.execute_sql("CHECKPOINT")
+        chunks = _chunks(client, "SELECT i, s FROM big ORDER BY i", [], 2, 10_000)
+        first = next(chunks)
+        # another connection: a query on the reading one would end its read
+        other = client.native_connection.cursor()
+        assert int(other.execute(CACHED).fetchone()[0]) < 8_000_000
+        seen = [row[0] for batch in [first, *chunks] for row in batch]
+        assert seen == list(range(1_000_000))

@@ -199,36 +199,29 @@ def test_a_checkpoint_empties_the_staging_copies_it_is_given_and_nothing_else(
 
 
 def test_a_checkpoint_lets_duckdb_give_back_what_it_cached_and_keeps_the_users_limit(
-    tmp_path: Path,
+    store: SqlStore,
 ) -> None:
     """DuckDB would keep every page a run wrote until its memory_limit; after a slice's
     checkpoint the run holds none of them, and the limit the user set is unchanged."""
-    pipeline = dlt.pipeline(
-        "journal_cache",
-        destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
-        dataset_name="enriched",
-        pipelines_dir=str(tmp_path / "pipelines"),
+    client = store._client
+    client.execute_sql("SET memory_limit = '1GB'")  # the user's
+
+    def one(sql: str) -> object:
+        with client.execute_query(sql) as cur:
+            return cur.fetchone()[0]
+
+    limit = one("SELECT current_setting('memory_limit')")
+    client.execute_sql(
+        "CREATE TABLE enriched.big AS SELECT md5(i::VARCHAR) || md5((-i)::VARCHAR) AS s"
+        " FROM range(1000000) t(i)"
     )
-    with SqlStore(pipeline.sql_client, "_apione_journal", "duckdb") as store:
-        client = store._client
-        client.execute_sql("SET memory_limit = '1GB'")  # the user's
+    client.execute_sql("CHECKPOINT")  # written: DuckDB keeps the pages anyway
+    assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000
+    cached = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
+    assert int(one(cached)) > 20_000_000  # type: ignore[call-overload]
 
-        def one(sql: str) -> object:
-            with client.execute_query(sql) as cur:
-                return cur.fetchone()[0]
+    store.checkpoint()
 
-        limit = one("SELECT current_setting('memory_limit')")
-        client.execute_sql(
-            "CREATE TABLE enriched.big AS SELECT md5(i::VARCHAR) || md5((-i)::VARCHAR) AS s"
-            " FROM range(1000000) t(i)"
-        )
-        client.execute_sql("CHECKPOINT")  # written: DuckDB keeps the pages anyway
-        assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000
-        cached = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
-        assert int(one(cached)) > 20_000_000  # type: ignore[call-overload]
-
-        store.checkpoint()
-
-        assert int(one(cached)) < 4_000_000  # type: ignore[call-overload]
-        assert one("SELECT current_setting('memory_limit')") == limit
-        assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000  # from the file
+    assert int(one(cached)) < 4_000_000  # type: ignore[call-overload]
+    assert one("SELECT current_setting('memory_limit')") == limit
+    assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000  # from the file
