@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -384,7 +385,18 @@ class JobScheduler:
         pacer = _Pacer(self.settings, self.rng, born, estimate, timeout_at)
         self._pacers[entry.entry_id] = pacer
         self._polling += 1
-        self._pollers[entry.entry_id] = asyncio.create_task(self._poll(entry, pacer))
+        task = asyncio.create_task(self._poll(entry, pacer))
+        self._pollers[entry.entry_id] = task
+        task.add_done_callback(functools.partial(self._forget_poller, entry.entry_id))
+
+    def _forget_poller(self, entry_id: str, task: asyncio.Task[None]) -> None:
+        """Drop a poller that ended without raising (one that raised stays, to be raised).
+
+        What a run keeps stays bounded by its jobs in flight, not by every job it ever
+        polled: a 100M-row run has 100,000 jobs, and each wait looks at every poller.
+        """
+        if self._pollers.get(entry_id) is task and (task.cancelled() or task.exception() is None):
+            del self._pollers[entry_id]
 
     async def _nap(self, seconds: float) -> None:
         """Sleep, waking early when a stop is requested."""
@@ -462,6 +474,7 @@ class JobScheduler:
             self._pacers.pop(entry.entry_id, None)
             self._look_at.pop(entry.entry_id, None)
             await self._free_slot_of(entry)
+            self._slot_freed_for.discard(entry.entry_id)  # no poller of it is left to ask
 
     async def _delivered(self, entry: Entry) -> Finished | None:
         """The job's results from its delivery; None: poll it instead.
