@@ -539,7 +539,7 @@ class EnrichmentRun:
         """End the slice here when dlt can load it while the jobs run.
 
         That is when no free slot waits for a submit, and either the slice holds
-        ``records_per_load`` results (finished jobs may wait through the load: their slots
+        ``records_per_load`` results (completed jobs may wait through the load: their slots
         are free already), or nothing at all is to do (no finished job waiting either) and
         the next job should end (by its estimate) later than the last load took, with a
         margin: results reach the warehouse while jobs run, and a run's last load holds
@@ -553,7 +553,10 @@ class EnrichmentRun:
         if not (sched.waiting or self.to_send or self.pending.items):
             return
         to_submit = bool(self.to_send) or len(self.pending.items) >= sched.records_per_job
-        submit_waits = sched.has_free_slot and to_submit and not self._backlogged()
+        # (a job that did not complete may have records to send again)
+        submit_waits = (
+            sched.has_free_slot and (to_submit or sched.has_spent_ready) and not self._backlogged()
+        )
         if n >= 2 * limit or (
             not submit_waits
             and (
