@@ -538,13 +538,13 @@ class EnrichmentRun:
     def _cut(self) -> Iterator[Any]:
         """End the slice here when dlt can load it while the jobs run.
 
-        That is when no free slot waits for a submit, and either the slice holds
-        ``records_per_load`` results (completed jobs may wait through the load: their slots
-        are free already), or nothing at all is to do (no finished job waiting either) and
-        the next job should end (by its estimate) later than the last load took, with a
+        That is when nothing is to do (no finished job waiting, no free slot to fill or
+        nothing to fill it with) and either the slice holds ``records_per_load`` results,
+        or the next job should end (by its estimate) later than the last load took, with a
         margin: results reach the warehouse while jobs run, and a run's last load holds
-        only its last jobs' results. A slice twice ``records_per_load`` ends anyway. No
-        slice ends when nothing is left to wait for: the run ends with it.
+        only its last jobs' results. A slice twice ``records_per_load`` ends anyway, which
+        bounds a package when jobs finish faster than rows are written. No slice ends when
+        nothing is left to wait for: the run ends with it.
         """
         n, limit = self.collected_in_slice, self.records_per_load
         if limit is None or n == 0:
@@ -553,16 +553,9 @@ class EnrichmentRun:
         if not (sched.waiting or self.to_send or self.pending.items):
             return
         to_submit = bool(self.to_send) or len(self.pending.items) >= sched.records_per_job
-        # (a job that did not complete may have records to send again)
-        submit_waits = (
-            sched.has_free_slot and (to_submit or sched.has_spent_ready) and not self._backlogged()
-        )
+        idle = not sched.has_ready and not (sched.has_free_slot and to_submit)
         if n >= 2 * limit or (
-            not submit_waits
-            and (
-                n >= limit
-                or (not sched.has_ready and sched.quiet_for() >= _LOAD_MARGIN * self.load_s)
-            )
+            idle and (n >= limit or sched.quiet_for() >= _LOAD_MARGIN * self.load_s)
         ):
             yield _CUT
 

@@ -190,7 +190,6 @@ class JobScheduler:
         self._slot_freed_for: set[str] = set()  # entries whose poller gave its slot back
         self._polling = 0  # pollers still running
         self._results_room = asyncio.Semaphore(_HELD_RESULTS)
-        self._spent_ready = 0  # finished jobs waiting that did not complete
         self._news = asyncio.Event()  # set when a slot is freed or a finished job queued
         self._look_at: dict[str, float] = {}  # entry id -> when its poller looks next
 
@@ -567,8 +566,6 @@ class JobScheduler:
 
     def _taken(self, fin: Finished) -> Finished:
         """``fin`` handed to the run: its results no longer count as held here."""
-        if fin.kind != COMPLETED:
-            self._spent_ready -= 1
         if fin.results is not None:
             self._results_room.release()
         return fin
@@ -598,8 +595,6 @@ class JobScheduler:
             getter.cancel()
 
     def _hand_over(self, fin: Finished) -> None:
-        if fin.kind != COMPLETED:
-            self._spent_ready += 1
         self.finished.put_nowait(fin)
         self._news.set()
 
@@ -674,11 +669,6 @@ class JobScheduler:
                 return 0.0
             soonest = min(soonest, pacer.expected_end(now) - now)
         return soonest
-
-    @property
-    def has_spent_ready(self) -> bool:
-        """True when a job that did not complete waits: its records may go out again."""
-        return self._spent_ready > 0
 
     @property
     def has_ready(self) -> bool:

@@ -182,10 +182,11 @@ def apione(
         scd2: Keep the enrichment table's history with dlt's scd2 merge strategy.
         chunk_size: Input rows read per query round trip.
         records_per_load: With ``run_enrichment``, results are loaded every this many
-            records while the next jobs run (one load package each, ended once no free
-            slot waits for a submit); a plain ``pipeline.run`` loads the whole run as one
-            package. A package's load is the run's memory peak: 34,000 keeps 100k
-            records under 600 MB on DuckDB.
+            records while the next jobs run (one load package each; up to twice this
+            many when ApiOne finishes jobs faster than their rows are written: a
+            package ends when nothing waits to be collected or submitted); a plain
+            ``pipeline.run`` loads the whole run as one package. A package's load is the
+            run's memory peak: 34,000 keeps 100k records under 600 MB on DuckDB.
 
     Returns:
         The ``<type>_enrichment`` resource (e.g. ``company_enrichment``), which loads

@@ -264,30 +264,6 @@ def test_given_many_jobs_done_when_the_run_goes_on_then_it_keeps_nothing_per_fin
     _run(go())
 
 
-def test_a_job_that_did_not_complete_shows_as_spent_until_the_run_takes_it() -> None:
-    """Its records may go out again, into a free slot: the run must not load first."""
-    client, t = ScriptedClient([]), FakeTime()
-    client.estimate = 0
-    client.status_script = ["completed", "failed"]
-    sched = _scheduler(client, t, concurrent_jobs=2)
-
-    async def go() -> list[tuple[str, bool]]:
-        seen = []
-        for _ in range(2):
-            assert await sched.submit(sched.journal.new_entry(), _items(1)) == "sent"
-        for _ in range(50):
-            await asyncio.sleep(0)
-        seen.append(("both done", sched.has_spent_ready))
-        while (fin := await sched.next_finished()) is not None:
-            seen.append((fin.kind, sched.has_spent_ready))
-        await sched.close()
-        return seen
-
-    seen = _run(go())
-    assert seen[0] == ("both done", True)
-    assert seen[-1][1] is False and dict(seen[1:]).keys() == {COMPLETED, "failed"}
-
-
 def test_quiet_for_is_the_time_to_the_soonest_estimated_end_and_zero_once_one_is_due() -> None:
     """What the run plans a load around: no job should end before ``quiet_for``."""
     client, t = ScriptedClient([]), FakeTime()
