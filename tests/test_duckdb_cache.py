@@ -7,6 +7,7 @@ from pathlib import Path
 import dlt
 import duckdb
 import pytest
+from dlt.destinations.exceptions import DatabaseException
 
 from apione_source.duckdb_cache import release_cached_pages
 from apione_source.reader import _chunks
@@ -47,7 +48,24 @@ def test_without_a_limit_nothing_changes(tmp_path: Path) -> None:
         shown = _one(client, "SELECT current_setting('memory_limit')")
         release_cached_pages(client)
         assert _one(client, "SELECT current_setting('memory_limit')") == shown
+        # still usable: not left at 1MB
         client.execute_sql("CREATE TABLE t AS SELECT range AS i FROM range(100000)")
+
+
+def test_a_limit_that_cannot_be_set_back_fails_loudly(tmp_path: Path) -> None:
+    """Left at 1MB the run's next load would fail far from the cause: fail here."""
+    with _client(str(tmp_path / "w.duckdb"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql("SET memory_limit = '1GB'")
+        real = client.execute_sql
+
+        def refuse_the_restore(sql: str, *args: object) -> object:
+            if sql.startswith("SET memory_limit") and "1MB" not in sql:
+                raise DatabaseException(RuntimeError("the restore failed"))
+            return real(sql, *args)
+
+        client.execute_sql = refuse_the_restore
+        with pytest.raises(DatabaseException, match="the restore failed"):
+            release_cached_pages(client)
 
 
 def test_an_in_memory_database_is_not_written_out(tmp_path: Path) -> None:
