@@ -225,3 +225,44 @@ def test_a_checkpoint_lets_duckdb_give_back_what_it_cached_and_keeps_the_users_l
     assert int(one(cached)) < 4_000_000  # type: ignore[call-overload]
     assert one("SELECT current_setting('memory_limit')") == limit
     assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000  # from the file
+
+
+def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a load appended are in memory until the checkpoint writes them. Held there
+    while it adds every block it writes, they made a 1M run's peak: DuckDB is to start
+    the checkpoint with them in its temporary files, and write them all the same."""
+    client = store._client
+    client.execute_sql("SET memory_limit = '1GB'")  # the user's
+
+    def one(sql: str) -> object:
+        with client.execute_query(sql) as cur:
+            return cur.fetchone()[0]
+
+    cached = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
+    client.execute_sql(  # appended, not yet written into the file (dlt's 1 GB threshold)
+        "CREATE TABLE enriched.big AS SELECT md5(i::VARCHAR) || md5((-i)::VARCHAR) AS s"
+        " FROM range(1000000) t(i)"
+    )
+    held = int(one(cached))  # type: ignore[call-overload]
+    assert held > 20_000_000
+    at_checkpoint: list[int] = []
+    execute = client.execute_sql
+
+    def measuring(sql: str, *args: object) -> object:
+        if sql == "CHECKPOINT":
+            at_checkpoint.append(int(one(cached)))  # type: ignore[call-overload]
+        return execute(sql, *args)
+
+    monkeypatch.setattr(client, "execute_sql", measuring)
+    store.checkpoint()
+    monkeypatch.undo()
+
+    assert at_checkpoint and at_checkpoint[0] < held / 4
+    wal = Path(
+        str(one("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"))
+        + ".wal"
+    )
+    assert not wal.exists() or wal.stat().st_size < 1_000_000  # written into the file
+    assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000
