@@ -24,10 +24,11 @@ _SHOWN = re.compile(r"(\d+\.\d) (KiB|MiB|GiB|TiB)")
 def release_cached_pages(client: Any) -> None:
     """Evict what DuckDB holds unpinned, keeping the user's ``memory_limit``. Best effort.
 
-    Lowering the limit for a moment evicts (a temporary table's blocks go to DuckDB's
-    temporary files); the limit is set back at once. Skipped for an in-memory database
-    (evicting would write all of it to temporary files) and without a limit. Call it
-    only where nothing else runs on the database: the limit is the whole database's.
+    Lowering the limit for a moment evicts (a temporary table's blocks, and rows appended
+    but not yet checkpointed, go to DuckDB's temporary files); the limit is set back at
+    once. Skipped for an in-memory database (evicting would write all of it to temporary
+    files) and without a limit. Call it only where nothing else runs on the database:
+    the limit is the whole database's.
 
     Args:
         client: An open dlt SQL client of a DuckDB database.

@@ -628,7 +628,9 @@ class SqlStore:
         is 1 GB of log), and until then DuckDB holds the appended rows in memory: a run
         that loads in slices would hold every slice's. Skipped (the close does it) while
         another transaction is open on the database; the input is read from a temporary
-        table for that reason (:func:`apione_source.reader._chunks`).
+        table for that reason (:func:`apione_source.reader._chunks`). DuckDB evicts what
+        it holds before the ``CHECKPOINT`` (even one then skipped) and after it
+        (:func:`apione_source.duckdb_cache.release_cached_pages`).
 
         Args:
             staging_tables: Tables whose staging copies are emptied first: what dlt's
@@ -644,9 +646,11 @@ class SqlStore:
         except DatabaseException as exc:
             self._no_checkpoint(exc)
             return
-        # The package's rows and the pages its load read go to DuckDB's temporary files
-        # first: left resident, they were held while the checkpoint added every block it
-        # wrote, which made a 1M run's peak (up to 130 MB above its loads').
+        # Evicted first (rows not yet in the file go to DuckDB's temporary files, pages
+        # read from it are dropped): left resident, they were held while the checkpoint
+        # added every block it wrote, which made a 1M run's peak (up to 130 MB above its
+        # loads'). Between packages nothing else runs on the database, as the eviction
+        # needs, whether the CHECKPOINT is then refused or not.
         release_cached_pages(self._client)
         try:
             self._client.execute_sql("CHECKPOINT")
