@@ -33,6 +33,7 @@ from apione_source.models import (
     parse_model,
 )
 from apione_source.sandbox import Sandbox
+from apione_source.sandbox import server as server_module
 from apione_source.sandbox.__main__ import build_parser, sandbox_from_args
 from apione_source.sandbox.engine import WebhookDue
 from apione_source.settings import JOB_ID_PATTERN, PLANS
@@ -1215,7 +1216,21 @@ def test_submit_answer_delay_applies_to_lost_answers(sandbox_factory: Factory) -
     assert slow == sb.usage()["lost_answers"] > 0
 
 
-def test_stop_during_a_delayed_submit_answer(sandbox_factory: Factory) -> None:
+@pytest.mark.parametrize("cut_late", [False, True], ids=["cut", "cut-late"])
+def test_stop_during_a_delayed_submit_answer(
+    sandbox_factory: Factory, monkeypatch: pytest.MonkeyPatch, cut_late: bool
+) -> None:
+    """The stop ends the wait at once; the answer is never sent, even where the stop
+    cuts the connection only after the waiting handler woke (a race CI once lost)."""
+    if cut_late:
+        cut = server_module._Server.close_connections
+
+        def late(self: Any) -> None:
+            self.stopping.set()
+            time.sleep(0.5)  # the woken handler would answer meanwhile
+            cut(self)
+
+        monkeypatch.setattr(server_module._Server, "close_connections", late)
     sb = sandbox_factory(submit_answer_delay_seconds=30)
     errors: list[Exception] = []
 

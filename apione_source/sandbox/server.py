@@ -188,9 +188,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if server.latency > 0:
                     time.sleep(server.latency)
                 reply = self._api(server.engine, method, path[len(_API) :].split("/"), body)
-                if reply.billed and server.submit_answer_delay > 0:
-                    # The job exists and is billed; only the answer is late.
-                    server.stopping.wait(server.submit_answer_delay)
+                # The job exists and is billed; only the answer is late. A sandbox stopped
+                # meanwhile never sends it, as a crashed ApiOne would not (the wait ends at
+                # the stop, which may not have cut this connection yet).
+                if (
+                    reply.billed
+                    and server.submit_answer_delay > 0
+                    and server.stopping.wait(server.submit_answer_delay)
+                ):
+                    self.close_connection = True
+                    return
             elif path.startswith(_CONTROL):
                 reply = self._control(server.engine, method, path[len(_CONTROL) :].split("/"))
             else:
