@@ -274,3 +274,22 @@ def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
     assert at_checkpoint[0] < held / 4
     assert not wal.exists() or wal.stat().st_size < 1_000_000  # written into the file
     assert one("SELECT count(*) FROM enriched.big") == 300_001
+
+
+def test_a_limit_the_checkpoint_cannot_set_back_fails_the_run(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eviction before the CHECKPOINT is outside its best-effort catch: a memory_limit
+    left at 1MB would fail the next load far from the cause, so it fails here."""
+    client = store._client
+    client.execute_sql("SET memory_limit = '1GB'")  # the user's
+    execute = client.execute_sql
+
+    def refusing_the_restore(sql: str, *args: object) -> object:
+        if sql.startswith("SET memory_limit") and "1MB" not in sql:
+            raise DatabaseTransientException(Exception("the restore failed"))
+        return execute(sql, *args)
+
+    monkeypatch.setattr(client, "execute_sql", refusing_the_restore)
+    with pytest.raises(DatabaseTransientException, match="the restore failed"):
+        store.checkpoint()
