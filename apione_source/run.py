@@ -465,6 +465,7 @@ class EnrichmentRun:
                 self.dialect,
                 self.s.names,
                 self.schema_name,
+                scd2=self.s.scd2,
                 unfinished=unfinished,
             )
 
@@ -692,11 +693,14 @@ class EnrichmentRun:
         So every table the dbt package reads exists after the first run (a run that
         rejected nothing has no rejections to write). Never the enrichment table under
         scd2: an empty scd2 load would retire every row already in it. The tables
-        appended on this destination get their disposition here too.
+        appended on this destination get their disposition here too; the renewed ones
+        only in a run that settles after each of its loads (``run_enrichment``): a plain
+        ``pipeline.run`` merges them, as it leaves its one load to the next run's settle.
         """
         schema = dlt.current.source_schema()
         names = self.s.names
-        appended = appended_tables(names) if appends(self.dialect) else {}
+        sliced = self.records_per_load is not None
+        appended = appended_tables(names, self.dialect, renewed=sliced, scd2=self.s.scd2)
         for table in table_columns(names):
             if self.s.scd2 and table == names.enrichment:
                 continue

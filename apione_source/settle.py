@@ -3,8 +3,13 @@
 The outcome and list tables only gain rows, so where the destination lets the connector
 take a copy out again (DuckDB, PostgreSQL: rows have an identity there) they are loaded
 with plain ``append``, dlt's fastest path, where a merge would stage every package and
-delete before it inserts. Two schedules can then leave rows twice, and a merge would have
-dropped both:
+delete before it inserts. On DuckDB a run that settles after each of its loads
+(``run_enrichment``) appends the enrichment and input tables too: there a later load
+*renews* a key's row, and the settle deletes the older row as the merge would have. A
+merge of those wide rows was a 1M run's memory peak (it stages the package's rows and
+numbers them in a window to drop duplicates), and no other process can read a DuckDB file
+while the run holds it, so none sees the old row next to the new one. Two schedules can
+also leave rows twice, and a merge would have dropped both:
 
 * **A load job that runs twice.** Killed after the warehouse committed it and before dlt
   recorded that, it runs again when the package is resumed: the package holds some rows
@@ -46,6 +51,10 @@ logger = logging.getLogger(__name__)
 #: ``rowid``, PostgreSQL's ``ctid``) tells two copies of it apart. Elsewhere the outcome
 #: and list tables are merged.
 APPEND_DIALECTS = ("duckdb", "postgres")
+#: Where the renewed tables are appended too (see the module docstring). On PostgreSQL a
+#: reader could see a key's old row next to its new one until the settle; the merge runs
+#: in the server there, outside the run's memory.
+RENEW_DIALECTS = ("duckdb",)
 # Marks are kept, and completed loads looked at, this far back from the scope's newest
 # settled load: a load that completed earlier would have had to escape every settle since.
 HORIZON = "30 days"
@@ -59,13 +68,43 @@ def appends(dialect: str) -> bool:
     return dialect in APPEND_DIALECTS
 
 
-def appended_tables(names: TableNames) -> dict[str, str]:
-    """The appended tables of ``names``, each with the column its rows are kept once by."""
-    return {names.outcomes: "outcome_id", **dict.fromkeys(names.lists.values(), "job_id")}
+def appended_tables(
+    names: TableNames, dialect: str, *, renewed: bool, scd2: bool = False
+) -> dict[str, str]:
+    """The appended tables of ``names`` on ``dialect``, each with the column kept once.
+
+    Args:
+        names: The enrichment type's tables.
+        dialect: The destination's dialect; none are appended outside
+            :data:`APPEND_DIALECTS`.
+        renewed: Include the tables whose keys later loads renew (:func:`renewed_tables`)
+            where :data:`RENEW_DIALECTS` has ``dialect``: for a run that settles after
+            each of its loads, and for every settle.
+        scd2: The enrichment table keeps a history (dlt's ``scd2``): merged, never settled.
+    """
+    if dialect not in APPEND_DIALECTS:
+        return {}
+    tables = {names.outcomes: "outcome_id", **dict.fromkeys(names.lists.values(), "job_id")}
+    if renewed and dialect in RENEW_DIALECTS:
+        tables[names.inputs] = "input_pk"
+        if not scd2:
+            tables[names.enrichment] = "key"
+    return tables
+
+
+def renewed_tables(names: TableNames) -> set[str]:
+    """Tables where a later load's row for a key replaces the older one as a rule."""
+    return {names.enrichment, names.inputs}
 
 
 def settle(
-    client: Any, dialect: str, names: TableNames, schema_name: str, *, unfinished: bool = False
+    client: Any,
+    dialect: str,
+    names: TableNames,
+    schema_name: str,
+    *,
+    scd2: bool = False,
+    unfinished: bool = False,
 ) -> int:
     """Settle every completed load of ``schema_name`` that is not settled yet.
 
@@ -74,11 +113,12 @@ def settle(
         dialect: ``duckdb`` or ``postgres``.
         names: The enrichment type's tables.
         schema_name: The dlt schema whose loads carry these tables.
+        scd2: The enrichment table keeps a history: it is not settled.
         unfinished: Also settle the keys of loads that never completed (a scan of each
             appended table's load ids: once per run, at its start).
 
     Returns:
-        How many rows were deleted (rows written twice).
+        How many rows were deleted: written twice, or renewed by a later load.
     """
     q = _Sql(client, names)
     with q.locked(dialect):
@@ -90,7 +130,10 @@ def settle(
         present = q.present_tables()
         if LOADS_TABLE not in present:
             return 0  # no load completed yet
-        tables = {t: k for t, k in appended_tables(names).items() if t in present}
+        # renewed tables too where they can be appended: merged ones hold a key once, and
+        # the look finds nothing there
+        appended = appended_tables(names, dialect, renewed=True, scd2=scd2)
+        tables = {t: k for t, k in appended.items() if t in present}
         if not q.column(f"SELECT 1 FROM {q.marks} WHERE {q.col('scope')} = %s LIMIT 1", q.scope):
             # This scope's first settle. The run appends only after it, so the loads that
             # completed before were merged: settled, once a look finds nothing twice (it
@@ -99,46 +142,63 @@ def settle(
                 q.mark_first(schema_name)
                 return 0
             q.mark([_FIRST])  # and every completed load is settled below
-        deleted = 0
+        renewed = renewed_tables(names)
+        twice = superseded = 0  # rows written twice; rows a later load renewed, as a rule
+
+        def settle_loads(table: str, key: str, load_ids: list[str]) -> None:
+            nonlocal twice, superseded
+            older, copies = _settle_table(q, dialect, table, key, load_ids)
+            twice += copies
+            if table in renewed:
+                superseded += older
+            else:
+                twice += older
+
         if unfinished:
             for table, key in tables.items():
-                deleted += _settle_table(q, dialect, table, key, q.unfinished_loads(table))
+                settle_loads(table, key, q.unfinished_loads(table))
         pending = q.pending_loads(schema_name)
         for start in range(0, len(pending), _CHUNK):
             chunk = pending[start : start + _CHUNK]
             for table, key in tables.items():
-                deleted += _settle_table(q, dialect, table, key, chunk)
+                settle_loads(table, key, chunk)
             q.mark(chunk)
         if pending:
             q.forget_old_marks()
-    if deleted:
-        logger.warning(
-            "%d row(s) written twice by a crash or a late package were taken out", deleted
-        )
-    return deleted
+    if twice:
+        logger.warning("%d row(s) written twice by a crash or a late package were taken out", twice)
+    logger.debug("%d row(s) renewed by a later load were taken out", superseded)
+    return twice + superseded
 
 
-def _settle_table(q: _Sql, dialect: str, table: str, key: str, load_ids: list[str]) -> int:
-    """Settle ``load_ids`` in ``table`` (rows kept once by ``key``); returns rows deleted."""
+def _settle_table(
+    q: _Sql, dialect: str, table: str, key: str, load_ids: list[str]
+) -> tuple[int, int]:
+    """Settle ``load_ids`` in ``table`` (rows kept once by ``key``).
+
+    Returns:
+        The rows deleted: those another completed load holds the key of, then copies.
+    """
     if not load_ids:
-        return 0
+        return 0, 0
     t = q.client.make_qualified_table_name(table)
     k, lid, rid = q.col(key), q.col("_dlt_load_id"), q.col("_dlt_id")
     marks = ", ".join(["%s"] * len(load_ids))
-    # keys of these loads that other loads hold too: none, unless something went wrong
+    # keys of these loads that other loads hold too: none in a table that only gains rows,
+    # unless something went wrong; a renewed table's keys enriched again
     twice = (
         f"SELECT {k} FROM {t} WHERE {k} IN (SELECT {k} FROM {t} WHERE {lid} IN ({marks}))"
         f" GROUP BY {k} HAVING count(DISTINCT {lid}) > 1"
     )
     if not q.column(f"SELECT count(*) FROM ({twice}) d", *load_ids)[0]:
         twice = ""
-    deleted = 0
+    older = copies = 0
     if twice:
         loads, load_id = q.loads, q.col("load_id")
         status, at = q.col("status"), q.col("inserted_at")
         # A row goes where a row of its key is in a completed load that its own load did
         # not complete after: the last completed load's rows are never deleted.
-        deleted += q.delete(
+        older = q.delete(
             f"{t} AS x WHERE x.{k} IN ({twice}) AND EXISTS ("
             f"SELECT 1 FROM {t} o JOIN {loads} lo ON lo.{load_id} = o.{lid}"
             f" WHERE lo.{status} = 0 AND o.{k} = x.{k} AND o.{lid} <> x.{lid}"
@@ -164,8 +224,8 @@ def _settle_table(q: _Sql, dialect: str, table: str, key: str, load_ids: list[st
                 f"{t} WHERE {lid} = %s AND rowid NOT IN"
                 f" (SELECT min(rowid) FROM {t} WHERE {lid} = %s GROUP BY {rid})"
             )
-        deleted += q.delete(where, copy_of, copy_of)
-    return deleted
+        copies += q.delete(where, copy_of, copy_of)
+    return older, copies
 
 
 class _Sql:

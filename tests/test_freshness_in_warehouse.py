@@ -9,6 +9,7 @@ asserts what was billed (the sandbox's counters) and what was read.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class SharedWarehouse:
         finally:
             con.close()
 
-    def run(self, **overrides: Any) -> dict[str, Any]:
+    def run(self, plain: bool = False, **overrides: Any) -> dict[str, Any]:
+        """A scheduled run (``run_enrichment``), or with ``plain`` a ``pipeline.run``."""
         kwargs: dict[str, Any] = {
             "api_key": self.sandbox.config.api_key,
             "base_url": self.sandbox.base_url,
@@ -61,7 +63,8 @@ class SharedWarehouse:
             "wait_budget_seconds": 30,
             **overrides,
         }
-        run_enrichment(self.pipeline, apione(**kwargs)).raise_on_failed_jobs()
+        run = self.pipeline.run if plain else partial(run_enrichment, self.pipeline)
+        run(apione(**kwargs)).raise_on_failed_jobs()
         return run_summaries(self.pipeline)["company_enrichment"]
 
     def billed(self) -> dict[str, int]:
@@ -98,6 +101,39 @@ def test_given_nothing_changed_when_run_again_then_the_warehouse_leaves_every_ro
     assert second["rows_rejected"] == 2
     inputs = shared.exec(f"SELECT input_pk, key FROM enriched.{COMPANY.inputs} WHERE key <> ''")
     assert sorted(inputs) == sorted((str(i), d) for i, d in enumerate(domains))
+
+
+def _disposition(wh: SharedWarehouse, table: str) -> str:
+    return str(wh.pipeline.default_schema.get_table(table)["write_disposition"])
+
+
+def test_renewed_keys_keep_one_row_whether_the_run_appended_or_merged_them(
+    shared: SharedWarehouse, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scheduled run appends the enrichment and input tables and settles after each load;
+    a plain ``pipeline.run`` (whose load only the next run settles) merges them."""
+    domains = found_domains(40)
+    _insert(shared, list(enumerate(domains)))
+    shared.run()
+    renewed = (COMPANY.enrichment, COMPANY.inputs)
+    assert {_disposition(shared, t) for t in renewed} == {"append"}
+    seen_jobs = {r[0] for r in shared.exec(f"SELECT job_id FROM enriched.{COMPANY.enrichment}")}
+
+    for plain in (False, True, False):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="apione_source"):
+            shared.run(plain=plain, ttl_matched_days=0)
+        assert _disposition(shared, COMPANY.enrichment) == ("merge" if plain else "append")
+        # every key and input row enriched again: one row each, from the new jobs
+        rows = shared.exec(f"SELECT key, job_id FROM enriched.{COMPANY.enrichment}")
+        assert sorted(k for k, _ in rows) == sorted(domains)
+        assert not {j for _, j in rows} & seen_jobs
+        seen_jobs |= {j for _, j in rows}
+        inputs = shared.exec(f"SELECT input_pk, key FROM enriched.{COMPANY.inputs}")
+        assert sorted(inputs) == sorted((str(i), d) for i, d in enumerate(domains))
+        # a renewed key is not a crash's copy
+        assert "written twice" not in caplog.text
+    assert set(shared.billed().values()) == {4}
 
 
 def test_given_changed_new_and_stale_rows_then_exactly_those_are_sent(
@@ -176,13 +212,14 @@ def test_given_records_per_load_when_run_then_results_load_in_several_packages_o
     per_load = shared.exec(f"SELECT count(DISTINCT load_id) FROM enriched.{COMPANY.outcomes}")
     assert per_load[0][0] >= 3
     # dlt's staging copies went before each checkpoint, the last package's too
-    for table in (COMPANY.enrichment, COMPANY.jobs, COMPANY.inputs):
-        assert shared.exec(f"SELECT count(*) FROM enriched_staging.{table}") == [(0,)]
-    # the outcome and list tables are appended on DuckDB: never staged
+    assert shared.exec(f"SELECT count(*) FROM enriched_staging.{COMPANY.jobs}") == [(0,)]
+    # the outcome and list tables are appended on DuckDB, and in a scheduled run the
+    # enrichment and input tables too: never staged
     staged = shared.exec(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'enriched_staging'"
     )
-    assert {COMPANY.outcomes, *COMPANY.lists.values()}.isdisjoint(t for (t,) in staged)
+    appended = {COMPANY.outcomes, COMPANY.enrichment, COMPANY.inputs, *COMPANY.lists.values()}
+    assert appended.isdisjoint(t for (t,) in staged)
     # and the next run has nothing to do
     assert (
         shared.run(records_per_job=10, concurrent_jobs=2, records_per_load=15)["records_submitted"]

@@ -171,6 +171,38 @@ def test_a_job_in_two_completed_loads_keeps_the_rows_of_the_last_completed(clien
     assert _rows(client, f"SELECT DISTINCT _dlt_load_id FROM {TAGS}") == [("L2",)]
 
 
+@pytest.mark.parametrize("scd2", [False, True])
+def test_a_renewed_key_keeps_the_last_completed_loads_row_and_is_no_crash_to_warn_of(
+    client: Db, caplog: pytest.LogCaptureFixture, scd2: bool
+) -> None:
+    _tables(client)
+    enrichment = client.client.make_qualified_table_name(COMPANY.enrichment)
+    client.execute_sql(
+        f"CREATE TABLE {enrichment} (key VARCHAR, name VARCHAR, "
+        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
+    )
+    for load_id, day, name in (("L1", 1, "old"), ("L2", 2, "new")):
+        _completed(client, load_id, day)
+        client.execute_sql(
+            f"INSERT INTO {enrichment} VALUES ('k.com', %s, %s, %s), ('j.com', 'j', %s, 'j')",
+            name,
+            load_id,
+            load_id,
+            load_id,
+        )
+        with caplog.at_level("WARNING", logger="apione_source"):
+            settled = settle(client.client, client.dialect, COMPANY, SCHEMA, scd2=scd2)
+    # dlt's scd2 keeps every version (and retires the old one itself): never settled
+    assert settled == (0 if scd2 else 2)
+    rows = client.rows(f"SELECT key, name FROM {enrichment}")
+    assert rows == (
+        [("j.com", "j")] * 2 + [("k.com", "new"), ("k.com", "old")]
+        if scd2
+        else [("j.com", "j"), ("k.com", "new")]
+    )
+    assert "written twice" not in caplog.text  # renewing a key is no crash
+
+
 def test_a_load_settled_late_does_not_win_over_one_that_completed_after_it(
     client: Db,
 ) -> None:
