@@ -84,6 +84,7 @@ from apione_source.scheduler import COMPLETED, Finished, JobScheduler, Scheduler
 from apione_source.settle import appended_tables, appends, settle
 from apione_source.tables import (
     FINAL_STATUSES,
+    MERGE,
     ListRows,
     TableNames,
     enrichment_rows,
@@ -701,13 +702,16 @@ class EnrichmentRun:
         names = self.s.names
         sliced = self.records_per_load is not None
         appended = appended_tables(names, self.dialect, renewed=sliced, scd2=self.s.scd2)
+        renewable = appended_tables(names, self.dialect, renewed=True, scd2=self.s.scd2)
         for table in table_columns(names):
             if self.s.scd2 and table == names.enrichment:
                 continue
-            if table in appended:
+            if table in renewable:
                 # appended on this destination (merged elsewhere): switched for this run's
-                # packages before any of its rows, and created if need be
-                hints = dlt.mark.make_hints(table_name=table, write_disposition="append")
+                # packages before any of its rows, and created if need be; a renewed table
+                # is switched back to merge for a plain run (the resource keeps the switch)
+                disposition: Any = "append" if table in appended else MERGE
+                hints = dlt.mark.make_hints(table_name=table, write_disposition=disposition)
                 yield dlt.mark.with_hints(
                     dlt.mark.materialize_table_schema(), hints, create_table_variant=True
                 )
@@ -829,6 +833,7 @@ class EnrichmentRun:
             lookups = self._stack.enter_context(
                 cast(AbstractContextManager[Any], pipeline.sql_client())
             )
+        last_pk: str | None = None
         for chunk in chunks:
             chunk_started = self.clock()
             rejected: list[dict[str, Any]] = []
@@ -841,7 +846,11 @@ class EnrichmentRun:
             looked_up = self._look_up(pipeline, lookups, norms, must_exist) if in_warehouse else {}
             for row, norm in zip(chunk, norms, strict=True):
                 self.stats.rows_read += 1
-                if row.pk is not None and row.fp is not None:
+                if row.pk is not None and row.fp is not None and row.pk != last_pk:
+                    # Rows come ordered by primary key: one the input holds twice comes
+                    # twice in a row, and its first row is the one kept (a load holds
+                    # each input_pk once, what the merge or the settle relies on).
+                    last_pk = row.pk
                     # a rejected row gets key '' (never fresh): it comes back every run, so
                     # a row fixed back to its old value has its rejection removed
                     key = norm.key if isinstance(norm, Normalized) else ""

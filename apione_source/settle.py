@@ -156,7 +156,12 @@ def settle(
 
         if unfinished:
             for table, key in tables.items():
-                settle_loads(table, key, q.unfinished_loads(table))
+                # Not the renewed tables: there a pending package's row (another
+                # worker's, say) is the newest of its key, and would not be written
+                # again when that package completes. Rows of a package that never will
+                # give way once the re-collected jobs' load settles.
+                if table not in renewed:
+                    settle_loads(table, key, q.unfinished_loads(table))
         pending = q.pending_loads(schema_name)
         for start in range(0, len(pending), _CHUNK):
             chunk = pending[start : start + _CHUNK]

@@ -331,24 +331,28 @@ DLT_COLUMN_HINTS: TTableSchemaColumns = {
 DLT_COLUMN_HINTS["_dlt_id"]["unique"] = False
 
 
+#: How the tables are merged (where they are not appended): on their keys, dropping
+#: duplicates inside a package.
+MERGE: Any = {"disposition": "merge", "strategy": "delete-insert"}
+
+
 def apply_table_hints(resource: DltResource, names: TableNames, scd2: bool) -> None:
     """Give each table the resource yields to its own merge key, columns and disposition."""
-    merge: Any = {"disposition": "merge", "strategy": "delete-insert"}
     enrichment: Any = (
         {"disposition": "merge", "strategy": "scd2", "row_version_column_name": "data_hash"}
         if scd2
-        else merge
+        else MERGE
     )
     keys: dict[str, tuple[Any, Any]] = {
         names.enrichment: (enrichment, "key"),
-        names.jobs: (merge, "job_id"),
+        names.jobs: (MERGE, "job_id"),
         # one row per load and type: merged all the same, as a load job dlt runs twice
         # (killed between the warehouse's commit and dlt's note of it) writes it twice
-        names.runs: (merge, ["load_id", "type"]),
-        names.outcomes: (merge, "outcome_id"),
-        names.rejected: (merge, "input_pk"),
-        names.inputs: (merge, "input_pk"),
-        **{table: (merge, ["key", "job_id", "idx"]) for table in names.lists.values()},
+        names.runs: (MERGE, ["load_id", "type"]),
+        names.outcomes: (MERGE, "outcome_id"),
+        names.rejected: (MERGE, "input_pk"),
+        names.inputs: (MERGE, "input_pk"),
+        **{table: (MERGE, ["key", "job_id", "idx"]) for table in names.lists.values()},
     }
     kinds = table_kinds(names)
     for table, columns in table_columns(names).items():

@@ -50,8 +50,8 @@ class SharedWarehouse:
         finally:
             con.close()
 
-    def run(self, plain: bool = False, **overrides: Any) -> dict[str, Any]:
-        """A scheduled run (``run_enrichment``), or with ``plain`` a ``pipeline.run``."""
+    def source(self, **overrides: Any) -> Any:
+        """The ``apione`` source over this warehouse's ``crm.companies``."""
         kwargs: dict[str, Any] = {
             "api_key": self.sandbox.config.api_key,
             "base_url": self.sandbox.base_url,
@@ -63,8 +63,12 @@ class SharedWarehouse:
             "wait_budget_seconds": 30,
             **overrides,
         }
+        return apione(**kwargs)
+
+    def run(self, source: Any = None, plain: bool = False, **overrides: Any) -> dict[str, Any]:
+        """A scheduled run (``run_enrichment``), or with ``plain`` a ``pipeline.run``."""
         run = self.pipeline.run if plain else partial(run_enrichment, self.pipeline)
-        run(apione(**kwargs)).raise_on_failed_jobs()
+        run(source or self.source(**overrides)).raise_on_failed_jobs()
         return run_summaries(self.pipeline)["company_enrichment"]
 
     def billed(self) -> dict[str, int]:
@@ -119,10 +123,12 @@ def test_renewed_keys_keep_one_row_whether_the_run_appended_or_merged_them(
     assert {_disposition(shared, t) for t in renewed} == {"append"}
     seen_jobs = {r[0] for r in shared.exec(f"SELECT job_id FROM enriched.{COMPANY.enrichment}")}
 
+    # one source for all three: the plain run switches back what the scheduled one switched
+    source = shared.source(ttl_matched_days=0)
     for plain in (False, True, False):
         caplog.clear()
         with caplog.at_level("WARNING", logger="apione_source"):
-            shared.run(plain=plain, ttl_matched_days=0)
+            shared.run(source, plain=plain)
         assert _disposition(shared, COMPANY.enrichment) == ("merge" if plain else "append")
         # every key and input row enriched again: one row each, from the new jobs
         rows = shared.exec(f"SELECT key, job_id FROM enriched.{COMPANY.enrichment}")
@@ -134,6 +140,17 @@ def test_renewed_keys_keep_one_row_whether_the_run_appended_or_merged_them(
         # a renewed key is not a crash's copy
         assert "written twice" not in caplog.text
     assert set(shared.billed().values()) == {4}
+
+
+def test_a_primary_key_the_input_holds_twice_has_one_input_row(shared: SharedWarehouse) -> None:
+    domains = found_domains(4)
+    _insert(shared, [(1, domains[0]), (2, domains[1]), (2, domains[2]), (3, domains[3])])
+
+    shared.run(records_per_load=2, records_per_job=1)
+    shared.run(records_per_load=2, records_per_job=1, ttl_matched_days=0)
+
+    pks = shared.exec(f"SELECT input_pk FROM enriched.{COMPANY.inputs} ORDER BY 1")
+    assert pks == [("1",), ("2",), ("3",)]
 
 
 def test_given_changed_new_and_stale_rows_then_exactly_those_are_sent(

@@ -203,6 +203,29 @@ def test_a_renewed_key_keeps_the_last_completed_loads_row_and_is_no_crash_to_war
     assert "written twice" not in caplog.text  # renewing a key is no crash
 
 
+def test_a_pending_packages_renewed_row_survives_a_runs_start_and_wins_once_it_completes(
+    client: Db,
+) -> None:
+    """Another worker's package, loaded but not yet completed, renewed a key: the newest row
+    of it, which that package would not write again when it completes."""
+    _tables(client)
+    enrichment = client.client.make_qualified_table_name(COMPANY.enrichment)
+    client.execute_sql(
+        f"CREATE TABLE {enrichment} (key VARCHAR, name VARCHAR, "
+        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
+    )
+    _completed(client, "L1", 1)
+    sql = f"INSERT INTO {enrichment} VALUES ('k.com', %s, %s, %s)"
+    client.execute_sql(sql, "old", "L1", "a")
+    assert _settle(client) == 0
+    client.execute_sql(sql, "new", "L2", "b")  # L2 loading elsewhere, not completed
+
+    assert _settle(client, unfinished=True) == 0  # a run's start
+    _completed(client, "L2", 2)
+    assert _settle(client) == 1
+    assert client.rows(f"SELECT name FROM {enrichment}") == [("new",)]
+
+
 def test_a_load_settled_late_does_not_win_over_one_that_completed_after_it(
     client: Db,
 ) -> None:
