@@ -81,7 +81,7 @@ from apione_source.reader import (
     encode_cursor,
 )
 from apione_source.scheduler import COMPLETED, Finished, JobScheduler, SchedulerSettings
-from apione_source.settle import appended_tables, appends, settle
+from apione_source.settle import appended_tables, appends, renewed_tables, settle
 from apione_source.tables import (
     FINAL_STATUSES,
     MERGE,
@@ -701,16 +701,17 @@ class EnrichmentRun:
         schema = dlt.current.source_schema()
         names = self.s.names
         sliced = self.records_per_load is not None
-        appended = appended_tables(names, self.dialect, renewed=sliced, scd2=self.s.scd2)
-        renewable = appended_tables(names, self.dialect, renewed=True, scd2=self.s.scd2)
+        appended = appended_tables(names, self.dialect, renewed=True, scd2=self.s.scd2)
+        renewed = renewed_tables(names)
         for table in table_columns(names):
             if self.s.scd2 and table == names.enrichment:
                 continue
-            if table in renewable:
+            if table in appended:
                 # appended on this destination (merged elsewhere): switched for this run's
                 # packages before any of its rows, and created if need be; a renewed table
-                # is switched back to merge for a plain run (the resource keeps the switch)
-                disposition: Any = "append" if table in appended else MERGE
+                # only in a sliced run, and switched back to merge for a plain one (the
+                # resource keeps the switch)
+                disposition: Any = "append" if sliced or table not in renewed else MERGE
                 hints = dlt.mark.make_hints(table_name=table, write_disposition=disposition)
                 yield dlt.mark.with_hints(
                     dlt.mark.materialize_table_schema(), hints, create_table_variant=True

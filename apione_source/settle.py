@@ -86,15 +86,15 @@ def appended_tables(
         return {}
     tables = {names.outcomes: "outcome_id", **dict.fromkeys(names.lists.values(), "job_id")}
     if renewed and dialect in RENEW_DIALECTS:
-        tables[names.inputs] = "input_pk"
-        if not scd2:
-            tables[names.enrichment] = "key"
+        tables.update(renewed_tables(names))
+        if scd2:
+            del tables[names.enrichment]
     return tables
 
 
-def renewed_tables(names: TableNames) -> set[str]:
+def renewed_tables(names: TableNames) -> dict[str, str]:
     """Tables where a later load's row for a key replaces the older one as a rule."""
-    return {names.enrichment, names.inputs}
+    return {names.enrichment: "key", names.inputs: "input_pk"}
 
 
 def settle(
@@ -156,12 +156,7 @@ def settle(
 
         if unfinished:
             for table, key in tables.items():
-                # Not the renewed tables: there a pending package's row (another
-                # worker's, say) is the newest of its key, and would not be written
-                # again when that package completes. Rows of a package that never will
-                # give way once the re-collected jobs' load settles.
-                if table not in renewed:
-                    settle_loads(table, key, q.unfinished_loads(table))
+                settle_loads(table, key, q.unfinished_loads(table))
         pending = q.pending_loads(schema_name)
         for start in range(0, len(pending), _CHUNK):
             chunk = pending[start : start + _CHUNK]

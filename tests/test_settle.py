@@ -203,11 +203,10 @@ def test_a_renewed_key_keeps_the_last_completed_loads_row_and_is_no_crash_to_war
     assert "written twice" not in caplog.text  # renewing a key is no crash
 
 
-def test_a_pending_packages_renewed_row_survives_a_runs_start_and_wins_once_it_completes(
-    client: Db,
-) -> None:
-    """Another worker's package, loaded but not yet completed, renewed a key: the newest row
-    of it, which that package would not write again when it completes."""
+def test_an_abandoned_packages_renewed_row_gives_way_at_a_runs_start(client: Db) -> None:
+    """A package killed midway and lost (a wiped pipelines dir) renewed a key: its row goes
+    where a completed load holds the key, as the merge that never ran would have left it.
+    (Its jobs are collected again, and their load renews the key once more.)"""
     _tables(client)
     enrichment = client.client.make_qualified_table_name(COMPANY.enrichment)
     client.execute_sql(
@@ -218,12 +217,11 @@ def test_a_pending_packages_renewed_row_survives_a_runs_start_and_wins_once_it_c
     sql = f"INSERT INTO {enrichment} VALUES ('k.com', %s, %s, %s)"
     client.execute_sql(sql, "old", "L1", "a")
     assert _settle(client) == 0
-    client.execute_sql(sql, "new", "L2", "b")  # L2 loading elsewhere, not completed
+    client.execute_sql(sql, "lost", "L2", "b")  # L2 never completes
 
-    assert _settle(client, unfinished=True) == 0  # a run's start
-    _completed(client, "L2", 2)
-    assert _settle(client) == 1
-    assert client.rows(f"SELECT name FROM {enrichment}") == [("new",)]
+    assert _settle(client) == 0  # after a load: only completed loads are looked at
+    assert _settle(client, unfinished=True) == 1  # a run's start
+    assert client.rows(f"SELECT name FROM {enrichment}") == [("old",)]
 
 
 def test_a_load_settled_late_does_not_win_over_one_that_completed_after_it(
