@@ -469,6 +469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records-per-load", type=int, default=50_000)
     parser.add_argument("--max-attempts", type=int, default=3)
     parser.add_argument("--cursor-column", default=None, help="read only rows it says changed")
+    parser.add_argument("--ttl-days", type=int, default=None, help="both TTLs (0: enrich again)")
     parser.add_argument("--fast-retries", action="store_true")
     parser.add_argument(
         "--fresh-dir",
@@ -524,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         records_per_load=args.records_per_load,
         max_attempts=args.max_attempts,
         cursor_column=args.cursor_column,
+        **(
+            {}
+            if args.ttl_days is None
+            else {"ttl_matched_days": args.ttl_days, "ttl_not_found_days": args.ttl_days}
+        ),
     )
     try:
         info = run_enrichment(pipeline, source)

@@ -111,6 +111,7 @@ def run_runner(
     fresh_dir: bool = False,
     max_attempts: int = 3,
     wait_budget: float = 30.0,
+    ttl_days: int | None = None,
     timeout: float = 180.0,
 ) -> subprocess.CompletedProcess[str]:
     cmd = runner_command(
@@ -125,6 +126,7 @@ def run_runner(
         wait_budget=wait_budget,
         fresh_dir=fresh_dir,
         max_attempts=max_attempts,
+        ttl_days=ttl_days,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
@@ -412,6 +414,50 @@ def test_given_sigkill_at_phase_when_rerun_then_tables_equal_a_clean_run_and_not
             assert set(per_key.values()) == {1}
         else:
             assert usage["records_billed"] <= len(UNIQUE_KEYS) + lost_records
+
+
+@pytest.mark.parametrize("disk", ["kept_dir", "fresh_dir"])
+def test_given_sigkill_as_renewed_keys_load_when_rerun_then_each_key_keeps_its_newest_row_once(
+    disk: str, tmp_path: Path, sandbox_factory: Callable[..., Sandbox]
+) -> None:
+    """DuckDB appends the enrichment table in a scheduled run and settles it after the
+    load: killed in between, a renewed key has its old row and its new one. The next run
+    keeps only the new one, and pays for nothing again."""
+    sb = sandbox_factory(seed=SEED)
+    warehouse = make_warehouse(tmp_path / "warehouse.duckdb")
+    workdir = tmp_path / "work"
+    dest = Dest(workdir / "destination.duckdb")
+    assert run_runner(workdir, sb, warehouse).returncode == 0
+    first_jobs = {j for (j,) in dest.query(f"SELECT job_id FROM enriched.{COMPANY.jobs}")}
+    keys = dest.query(f"SELECT count(*) FROM enriched.{COMPANY.enrichment}")[0][0]
+
+    crashed = run_runner(
+        workdir,
+        sb,
+        warehouse,
+        ttl_days=0,
+        crash_at="load_committed",
+        crash_table=COMPANY.enrichment,
+    )
+
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    twice = dest.query(
+        f"SELECT count(*) FROM (SELECT key FROM enriched.{COMPANY.enrichment}"
+        " GROUP BY key HAVING count(*) > 1)"
+    )[0][0]
+    assert twice == keys  # every key renewed, the old row not yet taken out
+    for _ in range(3):
+        rerun = run_runner(workdir, sb, warehouse, fresh_dir=disk == "fresh_dir")
+        assert rerun.returncode == 0, rerun.stderr[-5000:]
+        if dest.in_flight() == 0 and not dest.open_entries():
+            break
+    assert dest.open_entries() == []
+    rows = dest.query(f"SELECT key, job_id FROM enriched.{COMPANY.enrichment}")
+    assert len(rows) == keys == len({k for k, _ in rows})
+    assert not {j for _, j in rows} & first_jobs  # the renewal's rows, not the first run's
+    assert outcome_problems(dest, VALID_PKS, MERGE_KEYS) == []
+    # each key paid for twice, once per run that asked for it
+    assert set(sb.usage()["billed_per_key"].values()) == {2}
 
 
 def test_given_sigkill_after_a_job_gave_up_when_rerun_then_its_records_are_not_sent_again(
