@@ -701,7 +701,7 @@ class EnrichmentRun:
         schema = dlt.current.source_schema()
         names = self.s.names
         sliced = self.records_per_load is not None
-        appended = appended_tables(names, self.dialect, renewed=True, scd2=self.s.scd2)
+        appended = appended_tables(names, self.dialect, self.s.scd2)
         renewed = renewed_tables(names)
         for table in table_columns(names):
             if self.s.scd2 and table == names.enrichment:

@@ -68,24 +68,22 @@ def appends(dialect: str) -> bool:
     return dialect in APPEND_DIALECTS
 
 
-def appended_tables(
-    names: TableNames, dialect: str, *, renewed: bool, scd2: bool = False
-) -> dict[str, str]:
-    """The appended tables of ``names`` on ``dialect``, each with the column kept once.
+def appended_tables(names: TableNames, dialect: str, scd2: bool = False) -> dict[str, str]:
+    """The tables of ``names`` appended on ``dialect``, each with the column kept once.
+
+    The renewed ones (:func:`renewed_tables`) only by a run that settles after each of
+    its loads; every settle looks at them.
 
     Args:
         names: The enrichment type's tables.
         dialect: The destination's dialect; none are appended outside
-            :data:`APPEND_DIALECTS`.
-        renewed: Include the tables whose keys later loads renew (:func:`renewed_tables`)
-            where :data:`RENEW_DIALECTS` has ``dialect``: for a run that settles after
-            each of its loads, and for every settle.
+            :data:`APPEND_DIALECTS`, the renewed ones only in :data:`RENEW_DIALECTS`.
         scd2: The enrichment table keeps a history (dlt's ``scd2``): merged, never settled.
     """
     if dialect not in APPEND_DIALECTS:
         return {}
     tables = {names.outcomes: "outcome_id", **dict.fromkeys(names.lists.values(), "job_id")}
-    if renewed and dialect in RENEW_DIALECTS:
+    if dialect in RENEW_DIALECTS:
         tables.update(renewed_tables(names))
         if scd2:
             del tables[names.enrichment]
@@ -130,9 +128,8 @@ def settle(
         present = q.present_tables()
         if LOADS_TABLE not in present:
             return 0  # no load completed yet
-        # renewed tables too where they can be appended: merged ones hold a key once, and
-        # the look finds nothing there
-        appended = appended_tables(names, dialect, renewed=True, scd2=scd2)
+        # the renewed tables too: a plain run merges them, and then holds each key once
+        appended = appended_tables(names, dialect, scd2)
         tables = {t: k for t, k in appended.items() if t in present}
         if not q.column(f"SELECT 1 FROM {q.marks} WHERE {q.col('scope')} = %s LIMIT 1", q.scope):
             # This scope's first settle. The run appends only after it, so the loads that
@@ -167,7 +164,8 @@ def settle(
             q.forget_old_marks()
     if twice:
         logger.warning("%d row(s) written twice by a crash or a late package were taken out", twice)
-    logger.debug("%d row(s) renewed by a later load were taken out", superseded)
+    if superseded:
+        logger.debug("%d row(s) renewed by a later load were taken out", superseded)
     return twice + superseded
 
 
