@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dlt
 import pytest
@@ -198,6 +199,14 @@ def test_a_checkpoint_empties_the_staging_copies_it_is_given_and_nothing_else(
         assert count("enriched.ours") == count("enriched.theirs") == 3
 
 
+def _one(client: Any, sql: str) -> Any:
+    with client.execute_query(sql) as cur:
+        return cur.fetchone()[0]
+
+
+CACHED = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"  # what DuckDB holds
+
+
 def test_a_checkpoint_lets_duckdb_give_back_what_it_cached_and_keeps_the_users_limit(
     store: SqlStore,
 ) -> None:
@@ -206,25 +215,20 @@ def test_a_checkpoint_lets_duckdb_give_back_what_it_cached_and_keeps_the_users_l
     client = store._client
     client.execute_sql("SET memory_limit = '1GB'")  # the user's
 
-    def one(sql: str) -> object:
-        with client.execute_query(sql) as cur:
-            return cur.fetchone()[0]
-
-    limit = one("SELECT current_setting('memory_limit')")
+    limit = _one(client, "SELECT current_setting('memory_limit')")
     client.execute_sql(
         "CREATE TABLE enriched.big AS SELECT md5(i::VARCHAR) || md5((-i)::VARCHAR) AS s"
         " FROM range(1000000) t(i)"
     )
     client.execute_sql("CHECKPOINT")  # written: DuckDB keeps the pages anyway
-    assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000
-    cached = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
-    assert int(one(cached)) > 20_000_000  # type: ignore[call-overload]
+    assert _one(client, "SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000
+    assert int(_one(client, CACHED)) > 20_000_000
 
     store.checkpoint()
 
-    assert int(one(cached)) < 4_000_000  # type: ignore[call-overload]
-    assert one("SELECT current_setting('memory_limit')") == limit
-    assert one("SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000  # from the file
+    assert int(_one(client, CACHED)) < 4_000_000
+    assert _one(client, "SELECT current_setting('memory_limit')") == limit
+    assert _one(client, "SELECT count(DISTINCT s) FROM enriched.big") == 1_000_000  # from the file
 
 
 def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
@@ -237,10 +241,6 @@ def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
     client = store._client
     client.execute_sql("SET memory_limit = '1GB'")  # the user's
 
-    def one(sql: str) -> object:
-        with client.execute_query(sql) as cur:
-            return cur.fetchone()[0]
-
     rows = "SELECT md5(i::VARCHAR) || md5((-i)::VARCHAR) AS s FROM range({}) t(i)"
     client.execute_sql(f"CREATE TABLE enriched.big AS {rows.format(1)}")
     client.execute_sql("CHECKPOINT")
@@ -248,11 +248,12 @@ def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
         # as a package's load appends: each insert below a row group, so the rows stay in
         # memory (a bigger one DuckDB would write straight into the file)
         client.execute_sql(f"INSERT INTO enriched.big {rows.format(100_000)}")
-    path = one("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+    path = _one(
+        client, "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    )
     wal = Path(f"{path}.wal")
     assert wal.stat().st_size > 5_000_000
-    cached = "SELECT sum(memory_usage_bytes) FROM duckdb_memory()"
-    held = int(one(cached))  # type: ignore[call-overload]
+    held = int(_one(client, CACHED))
     assert held > 20_000_000
     at_checkpoint: list[int] = []
     done: list[bool] = []
@@ -260,7 +261,7 @@ def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
 
     def measuring(sql: str, *args: object) -> object:
         if sql == "CHECKPOINT":
-            at_checkpoint.append(int(one(cached)))  # type: ignore[call-overload]
+            at_checkpoint.append(int(_one(client, CACHED)))
             result = execute(sql, *args)
             done.append(True)
             return result
@@ -273,7 +274,7 @@ def test_a_checkpoint_starts_with_the_packages_rows_out_of_memory(
     assert done, "the checkpoint did not run"
     assert at_checkpoint[0] < held / 4
     assert not wal.exists() or wal.stat().st_size < 1_000_000  # written into the file
-    assert one("SELECT count(*) FROM enriched.big") == 300_001
+    assert _one(client, "SELECT count(*) FROM enriched.big") == 300_001
 
 
 def test_a_limit_the_checkpoint_cannot_set_back_fails_the_run(
