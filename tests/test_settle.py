@@ -23,6 +23,7 @@ from tests.e2e import COMPANY
 SCHEMA = "apione"
 OUT = "<outcomes>"
 TAGS = "<tags>"
+ENRICH = "<enrichment>"
 SETTLED = "<settled>"
 LOADS = "<loads>"
 
@@ -36,6 +37,7 @@ class Db:
         self.names = {
             OUT: q(COMPANY.outcomes),
             TAGS: q(COMPANY.lists["tags"]),
+            ENRICH: q(COMPANY.enrichment),
             SETTLED: q(COMPANY.settled),
             LOADS: q("_dlt_loads"),
         }
@@ -84,6 +86,9 @@ def _tables(client: Db) -> None:
     client.execute_sql(
         f"CREATE TABLE {TAGS} (key VARCHAR, job_id VARCHAR, idx BIGINT, value VARCHAR, "
         "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
+    )
+    client.execute_sql(
+        f"CREATE TABLE {ENRICH} (key VARCHAR, name VARCHAR, _dlt_load_id VARCHAR, _dlt_id VARCHAR)"
     )
     assert _settle(client) == 0  # a run's start, before it appends anything
 
@@ -176,15 +181,10 @@ def test_a_renewed_key_keeps_the_last_completed_loads_row_and_is_no_crash_to_war
     client: Db, caplog: pytest.LogCaptureFixture, scd2: bool
 ) -> None:
     _tables(client)
-    enrichment = client.client.make_qualified_table_name(COMPANY.enrichment)
-    client.execute_sql(
-        f"CREATE TABLE {enrichment} (key VARCHAR, name VARCHAR, "
-        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
-    )
     for load_id, day, name in (("L1", 1, "old"), ("L2", 2, "new")):
         _completed(client, load_id, day)
         client.execute_sql(
-            f"INSERT INTO {enrichment} VALUES ('k.com', %s, %s, %s), ('j.com', 'j', %s, 'j')",
+            f"INSERT INTO {ENRICH} VALUES ('k.com', %s, %s, %s), ('j.com', 'j', %s, 'j')",
             name,
             load_id,
             load_id,
@@ -194,13 +194,23 @@ def test_a_renewed_key_keeps_the_last_completed_loads_row_and_is_no_crash_to_war
             settled = settle(client.client, client.dialect, COMPANY, SCHEMA, scd2=scd2)
     # dlt's scd2 keeps every version (and retires the old one itself): never settled
     assert settled == (0 if scd2 else 2)
-    rows = client.rows(f"SELECT key, name FROM {enrichment}")
+    rows = client.rows(f"SELECT key, name FROM {ENRICH}")
     assert rows == (
         [("j.com", "j")] * 2 + [("k.com", "new"), ("k.com", "old")]
         if scd2
         else [("j.com", "j"), ("k.com", "new")]
     )
     assert "written twice" not in caplog.text  # renewing a key is no crash
+    if scd2:
+        return
+    # a copy in a renewed table (a load job dlt ran twice) is a crash's all the same
+    _completed(client, "L3", 3)
+    for _ in range(2):
+        client.execute_sql(f"INSERT INTO {ENRICH} VALUES ('k.com', 'newer', 'L3', 'c')")
+    with caplog.at_level("WARNING", logger="apione_source"):
+        assert settle(client.client, client.dialect, COMPANY, SCHEMA) == 2
+    assert "1 row(s) written twice" in caplog.text
+    assert client.rows(f"SELECT name FROM {ENRICH} WHERE key = 'k.com'") == [("newer",)]
 
 
 def test_an_abandoned_packages_renewed_row_gives_way_at_a_runs_start(client: Db) -> None:
@@ -208,20 +218,15 @@ def test_an_abandoned_packages_renewed_row_gives_way_at_a_runs_start(client: Db)
     where a completed load holds the key, as the merge that never ran would have left it.
     (Its jobs are collected again, and their load renews the key once more.)"""
     _tables(client)
-    enrichment = client.client.make_qualified_table_name(COMPANY.enrichment)
-    client.execute_sql(
-        f"CREATE TABLE {enrichment} (key VARCHAR, name VARCHAR, "
-        "_dlt_load_id VARCHAR, _dlt_id VARCHAR)"
-    )
     _completed(client, "L1", 1)
-    sql = f"INSERT INTO {enrichment} VALUES ('k.com', %s, %s, %s)"
+    sql = f"INSERT INTO {ENRICH} VALUES ('k.com', %s, %s, %s)"
     client.execute_sql(sql, "old", "L1", "a")
     assert _settle(client) == 0
     client.execute_sql(sql, "lost", "L2", "b")  # L2 never completes
 
     assert _settle(client) == 0  # after a load: only completed loads are looked at
     assert _settle(client, unfinished=True) == 1  # a run's start
-    assert client.rows(f"SELECT name FROM {enrichment}") == [("old",)]
+    assert client.rows(f"SELECT name FROM {ENRICH}") == [("old",)]
 
 
 def test_a_load_settled_late_does_not_win_over_one_that_completed_after_it(
