@@ -421,6 +421,9 @@ def _chunks(
     # columns by position, so that an input column named `rowid` cannot stand in for
     # DuckDB's own row number above
     aliases = ", ".join(f"c{i}" for i in range(width))
+    # what earlier statements cached (the run-start settle's scans: 25 MB at 1M keys)
+    # would stay beside the query's hash tables, the peak of a run with nothing to send
+    release_cached_pages(client)
     client.execute_sql(
         f"CREATE TEMPORARY TABLE {name} AS SELECT * FROM ({sql}) AS q({aliases})", *args
     )

@@ -95,3 +95,19 @@ def test_the_input_is_read_a_chunk_at_a_time_without_holding_it_in_memory(
         assert int(other.execute(CACHED).fetchone()[0]) < 8_000_000
         seen = [row[0] for batch in [first, *chunks] for row in batch]
         assert seen == list(range(1_000_000))
+
+
+def test_the_read_starts_without_what_earlier_statements_cached(tmp_path: Path) -> None:
+    """A read's query (the freshness anti-join: the peak of a run with nothing to send)
+    does not start beside the pages earlier statements left in DuckDB's cache."""
+    with _client(str(tmp_path / "w.duckdb"), tmp_path) as client:  # type: ignore[attr-defined]
+        client.execute_sql("SET memory_limit = '1GB'")
+        client.execute_sql(
+            "CREATE TABLE big AS SELECT range AS i, md5(range::VARCHAR) AS s FROM range(1000000)"
+        )
+        client.execute_sql("CHECKPOINT")
+        _one(client, "SELECT count(DISTINCT s) FROM big")  # a scan, as the settle's
+        assert int(_one(client, CACHED)) > 12_000_000  # type: ignore[call-overload]
+        # the query reports what DuckDB holds as it runs
+        [[held]] = list(_chunks(client, CACHED, [], 1, 10))
+        assert int(held[0]) < 4_000_000
