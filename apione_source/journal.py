@@ -86,7 +86,7 @@ COLUMNS = (
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class BatchItem:
     """One unique record of a batch, with the input rows (primary keys) it stands for.
 
@@ -192,6 +192,16 @@ class Entry:
     def set_items_json(self, raw: str) -> None:
         """Items as the journal wrote them, parsed when first used."""
         self._items, self._raw_items = [], raw or None
+
+    def park_items(self) -> None:
+        """Keep the items as one JSON string until they are used again.
+
+        A job's thousand records wait while it runs and until its results are collected:
+        as objects that is about 400 bytes a record (100k records in flight at 1M), as
+        JSON under 100. Cursors are dropped: they only matter before the send.
+        """
+        if self._items:
+            self.set_items_json(_items_json(self._items))
 
     @property
     def attempt(self) -> int:
@@ -486,8 +496,12 @@ class Journal:
         entry.items = items  # the caller's objects (they carry input cursors)
 
     def job_created(self, entry: Entry, job_id: str) -> None:
-        """The submit answer arrived: the job exists (and is billed)."""
+        """The submit answer arrived: the job exists (and is billed).
+
+        Its items wait as JSON (:meth:`Entry.park_items`) until the results come.
+        """
         self._write(entry, [self._row(entry, "job", job_id=job_id)])
+        entry.park_items()
 
     def unsent(self, entry: Entry, error: str) -> None:
         """The request certainly created no job (refused before processing)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import tracemalloc
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -584,3 +585,35 @@ JournalLifecycle.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestJournalLifecycle = JournalLifecycle.TestCase
+
+
+def test_a_running_jobs_records_wait_as_json_and_come_back_whole() -> None:
+    """Once its job exists, an entry's records are one string until they are used, not a
+    thousand objects (1M records: 100k wait at once). Read again they are what was sent,
+    and a row that joins a key afterwards stays with it."""
+    journal = Journal(MemoryStore(), SCOPE, "p", "load_1", lambda: 0.0)
+    entries = [journal.new_entry() for _ in range(20)]
+
+    def items() -> list[BatchItem]:
+        return [
+            BatchItem(f"company-{i:07d}.example.com", {"domain": f"c{i}"}, [str(i)])
+            for i in range(1000)
+        ]
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n, entry in enumerate(entries):
+            journal.send(entry, items())
+            journal.job_created(entry, f"job_{n}")
+        per_record = (tracemalloc.get_traced_memory()[0] - before) / 20_000
+    finally:
+        tracemalloc.stop()
+    # as objects about 500 bytes; as JSON about 70, and the memory store's copy as much
+    assert per_record < 250, f"{per_record:.0f} bytes per record in flight"
+    parsed = entries[3].items
+    assert [(i.key, i.record, i.pks, i.attempt) for i in parsed] == [
+        (i.key, i.record, i.pks, i.attempt) for i in items()
+    ]
+    parsed[7].add_pks(["joined"])
+    assert entries[3].items[7].pks == ["7", "joined"]
