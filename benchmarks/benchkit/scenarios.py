@@ -232,7 +232,8 @@ def throughput_figures(
     )
     peak = max(c.process.peak_rss_mb for c in conns)
     bench.peaks[n] = peak
-    rep.at_most(scenario, "connector peak RSS", peak, "MB", *_rss_target(bench, n))
+    for figure, bound, target in _rss_targets(bench, n):
+        rep.at_most(scenario, figure, peak, "MB", bound, target)
     rep.info(scenario, "RSS floor (imports only)", bench.floor_mb(), "MB")
     rep.info(scenario, "dlt baseline peak RSS", max(b.process.peak_rss_mb for b in bases), "MB")
     rep.info(scenario, "status calls/job", conns[-1].usage.status_calls_per_job(), "calls/job")
@@ -240,15 +241,26 @@ def throughput_figures(
     rep.info(scenario, "records billed", float(conns[-1].usage.records_billed), "")
 
 
-def _rss_target(bench: Bench, n: int) -> tuple[float, str]:
-    """Peak RSS target: 600 MB up to 100k; at 1M, 1.2x the 100k figure of this run."""
+def _rss_targets(bench: Bench, n: int) -> list[tuple[str, float, str]]:
+    """Peak RSS targets: 600 MB up to 100k; at 1M, 1.2x the 100k figure of this run.
+
+    Issue 10's "at N = 1M at most 1.2x that" may also mean 1.2x the 600 MB limit: until
+    it says which, a 1M run is held to both, the stricter first.
+    """
+    limit = PEAK_RSS_MB_100K * RSS_GROWTH_1M
     if n <= 100_000:
-        return PEAK_RSS_MB_100K, f"<= {PEAK_RSS_MB_100K:,.0f} MB"
+        return [("connector peak RSS", PEAK_RSS_MB_100K, f"<= {PEAK_RSS_MB_100K:,.0f} MB")]
     base = bench.peaks.get(100_000)
     if base is None:
-        bound = PEAK_RSS_MB_100K * RSS_GROWTH_1M
-        return bound, f"<= {bound:,.0f} MB (1.2x 600; no 100k run)"
-    return base * RSS_GROWTH_1M, f"<= 1.2x 100k = {base * RSS_GROWTH_1M:,.0f} MB"
+        return [("connector peak RSS", limit, f"<= {limit:,.0f} MB (1.2x 600; no 100k run)")]
+    return [
+        (
+            "connector peak RSS",
+            base * RSS_GROWTH_1M,
+            f"<= 1.2x 100k = {base * RSS_GROWTH_1M:,.0f} MB",
+        ),
+        ("connector peak RSS (other reading)", limit, f"<= 1.2x 600 MB = {limit:,.0f} MB"),
+    ]
 
 
 # --- nothing to send ------------------------------------------------------------------------
