@@ -197,7 +197,7 @@ class Entry:
         """Keep the items as one JSON string until they are used again.
 
         A job's thousand records wait while it runs and until its results are collected:
-        as objects that is about 400 bytes a record (100k records in flight at 1M), as
+        as objects that is about 500 bytes a record (100k records in flight at 1M), as
         JSON under 100. Cursors are dropped: they only matter before the send.
         """
         if self._items:
