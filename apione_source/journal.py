@@ -193,16 +193,6 @@ class Entry:
         """Items as the journal wrote them, parsed when first used."""
         self._items, self._raw_items = [], raw or None
 
-    def park_items(self) -> None:
-        """Keep the items as one JSON string until they are used again.
-
-        A job's thousand records wait while it runs and until its results are collected:
-        as objects that is about 500 bytes a record (100k records in flight at 1M), as
-        JSON under 100. Cursors are dropped: they only matter before the send.
-        """
-        if self._items:
-            self.set_items_json(_items_json(self._items))
-
     @property
     def attempt(self) -> int:
         """The highest attempt among the records of the current generation."""
@@ -492,16 +482,16 @@ class Journal:
             raise RuntimeError(f"entry {entry.entry_id} is {entry.phase}, not to_send")
         row = self._row(entry, "send", items=_items_json(items), gen=entry.gen + 1)
         row["load_id"] = self.run_id
+        # The entry keeps the row's JSON (``_apply``), parsed when its items are used
+        # again: a job's thousand records wait while it runs and until its results are
+        # collected, as objects about 500 bytes a record (100k wait at 1M), as JSON under
+        # 100. The caller's objects, with their input cursors, go with the request: a
+        # cursor only matters until the send is journaled.
         self._write(entry, [row])
-        entry.items = items  # the caller's objects (they carry input cursors)
 
     def job_created(self, entry: Entry, job_id: str) -> None:
-        """The submit answer arrived: the job exists (and is billed).
-
-        Its items wait as JSON (:meth:`Entry.park_items`) until the results come.
-        """
+        """The submit answer arrived: the job exists (and is billed)."""
         self._write(entry, [self._row(entry, "job", job_id=job_id)])
-        entry.park_items()
 
     def unsent(self, entry: Entry, error: str) -> None:
         """The request certainly created no job (refused before processing)."""

@@ -68,7 +68,7 @@ def appends(dialect: str) -> bool:
     return dialect in APPEND_DIALECTS
 
 
-def appended_tables(names: TableNames, dialect: str, scd2: bool = False) -> dict[str, str]:
+def appended_tables(names: TableNames, dialect: str, scd2: bool) -> dict[str, str]:
     """The tables of ``names`` appended on ``dialect``, each with the column kept once.
 
     The renewed ones (:func:`renewed_tables`) only by a run that settles after each of

@@ -588,9 +588,9 @@ TestJournalLifecycle = JournalLifecycle.TestCase
 
 
 def test_a_running_jobs_records_wait_as_json_and_come_back_whole() -> None:
-    """Once its job exists, an entry's records are one string until they are used, not a
-    thousand objects (1M records: 100k wait at once). Read again they are what was sent,
-    and a row that joins a key afterwards stays with it."""
+    """Once sent, an entry's records are one string until they are used, not a thousand
+    objects (1M records: 100k wait at once). Read again they are what was sent, and a
+    row that joins a key afterwards stays with it."""
     journal = Journal(MemoryStore(), SCOPE, "p", "load_1", lambda: 0.0)
     entries = [journal.new_entry() for _ in range(20)]
 
