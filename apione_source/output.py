@@ -44,7 +44,8 @@ class Output:
         """
         self.flush_rows = flush_rows
         self.load_id = load_id
-        self._schemas = {t: columns_to_arrow(c, _CAPS, "UTC") for t, c in columns.items()}
+        #: Table -> the arrow schema of its hinted columns.
+        self.schemas = {t: columns_to_arrow(c, _CAPS, "UTC") for t, c in columns.items()}
         self._rows: dict[str, list[dict[str, Any]]] = {t: [] for t in columns}
         # rows given column by column, already arrow, and how many rows they hold
         self._pieces: dict[str, list[pa.Table]] = {t: [] for t in columns}
@@ -59,7 +60,7 @@ class Output:
         n = len(next(iter(columns.values()), []))
         if not n:
             return
-        schema = self._schemas[table]
+        schema = self.schemas[table]
         try:
             if not set(columns) <= set(schema.names):
                 raise ValueError("columns the hints do not know")  # e.g. scalars for objects
@@ -71,8 +72,12 @@ class Output:
             rows = zip(*columns.values(), strict=True)
             self.add(table, [dict(zip(columns, row, strict=True)) for row in rows])
             return
-        self._pieces[table].append(piece)
-        self._piece_rows[table] += n
+        self.add_table(table, piece)
+
+    def add_table(self, table: str, data: pa.Table) -> None:
+        """Buffer rows of ``table`` already typed as arrow (by :attr:`schemas`)."""
+        self._pieces[table].append(data)
+        self._piece_rows[table] += data.num_rows
 
     def ready(self) -> Iterator[Any]:
         """Arrow tables of every table holding at least ``flush_rows`` rows."""
@@ -132,7 +137,7 @@ class Output:
         Timestamps and dates that arrive as ISO text (as in ApiOne's payloads) are read as
         text and cast by arrow. Raises when a value does not fit.
         """
-        schema = self._schemas[table]
+        schema = self.schemas[table]
         present = set().union(*rows)
         if not present <= set(schema.names):
             raise ValueError("columns the hints do not know")  # typed from their values
@@ -154,7 +159,7 @@ class Output:
 
     def _careful(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
         """Column by column: unknown columns inferred, misfits kept in variant columns."""
-        schema = self._schemas[table]
+        schema = self.schemas[table]
         names = list(dict.fromkeys(name for row in rows for name in row))
         arrays, fields = [], []
         for name in names:

@@ -48,6 +48,7 @@ from dlt.common.schema.utils import has_table_seen_data
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
+from apione_source.columnar import PayloadTables
 from apione_source.deliveries import DeliveryInbox
 from apione_source.errors import ConcurrentRunError
 from apione_source.history import (
@@ -326,6 +327,7 @@ class EnrichmentRun:
         self.wrote_outcomes = False
         self.rejected_before: set[str] = set()
         self.out = Output(table_columns(settings.names), load_id="")
+        self.payloads = PayloadTables(settings.names, self.out.schemas)
         # Results per load package; None: the whole run is one package (pipeline.run).
         self.records_per_load: int | None = None
         self.loads: set[str] = set()  # this run's load packages
@@ -1108,8 +1110,7 @@ class EnrichmentRun:
         now = self._now()
         submitted_at = utc_from_timestamp(entry.submitted_at)
         outcomes: list[dict[str, Any]] = []
-        enriched: list[dict[str, Any]] = []
-        elements = {f: ListRows() for f in self.s.names.lists}
+        enriched: list[tuple[str, RecordResult]] = []
         counts = {"matched": 0, "not_found": 0, "invalid": 0, "error": 0}
         matched, problem = self._match(entry.items, fin.results.results)
         if problem:
@@ -1129,12 +1130,7 @@ class EnrichmentRun:
                 status = result.status.value
                 err = result.error.message if result.error else None
                 if status == "matched":
-                    row, lists = enrichment_rows(
-                        item.key, job_id, now, result, self.s.names.lists, version_hash=self.s.scd2
-                    )
-                    enriched.append(row)
-                    for name, values in lists.items():
-                        elements[name].add(item.key, job_id, values)
+                    enriched.append((item.key, result))
             counts[status] += 1
             outcomes.extend(
                 ledger.outcome_rows(item, job_id, status, err, now, self.load_id, submitted_at)
@@ -1153,10 +1149,7 @@ class EnrichmentRun:
         self.collected_in_slice += len(entry.items)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
-            yield from self._emit(self.s.names.enrichment, enriched)
-        for name, gathered in elements.items():
-            self.out.add_columns(self.s.names.lists[name], gathered.columns)
-            yield from self._emit(self.s.names.lists[name], gathered.rows)
+            yield from self._emit_enriched(job_id, now, enriched)
         if outcomes:
             yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
@@ -1170,6 +1163,41 @@ class EnrichmentRun:
             ],
         )
         entry.items = []  # in the rows above now: memory stays flat over a long run
+
+    def _emit_enriched(
+        self, job_id: str, now: datetime, enriched: list[tuple[str, RecordResult]]
+    ) -> Iterator[Any]:
+        """The enrichment and list-table rows of a job's matched results.
+
+        Built by arrow at once where the payloads have the contract's shape (and no SCD2
+        version hash is wanted), else row by row.
+        """
+        names = self.s.names
+        tables = (
+            None
+            if self.s.scd2
+            else self.payloads.build(
+                [key for key, _ in enriched], [r.data for _, r in enriched], job_id, now
+            )
+        )
+        if tables is not None:
+            for table, data in tables.items():
+                self.out.add_table(table, data)
+            yield from self.out.ready()
+            return
+        rows: list[dict[str, Any]] = []
+        elements = {f: ListRows() for f in names.lists}
+        for key, result in enriched:
+            row, lists = enrichment_rows(
+                key, job_id, now, result, names.lists, version_hash=self.s.scd2
+            )
+            rows.append(row)
+            for name, values in lists.items():
+                elements[name].add(key, job_id, values)
+        yield from self._emit(names.enrichment, rows)
+        for name, gathered in elements.items():
+            self.out.add_columns(names.lists[name], gathered.columns)
+            yield from self._emit(names.lists[name], gathered.rows)
 
     def _match(
         self, items: list[BatchItem], results: list[RecordResult]

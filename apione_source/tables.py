@@ -94,7 +94,7 @@ def _columns(spec: str) -> TTableSchemaColumns:
     return columns
 
 
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
+def nested_model(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside ``Model | None``, if that is what ``annotation`` is."""
     for candidate in (annotation, *get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
@@ -102,7 +102,7 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _list_element(annotation: Any) -> Any:
+def list_element(annotation: Any) -> Any:
     """The element type of ``list[X]`` (or ``list[X] | None``), else None."""
     for candidate in (annotation, *get_args(annotation)):
         if get_origin(candidate) is list:
@@ -113,7 +113,7 @@ def _list_element(annotation: Any) -> Any:
 def list_fields(enrichment_type: EnrichmentType) -> list[str]:
     """The payload fields that are lists: each becomes a list table ``<table>__<field>``."""
     model = PAYLOAD_MODELS[enrichment_type]
-    return [n for n, f in model.model_fields.items() if _list_element(f.annotation) is not None]
+    return [n for n, f in model.model_fields.items() if list_element(f.annotation) is not None]
 
 
 def _flat_columns(model: type[BaseModel], prefix: str = "", about: str = "") -> TTableSchemaColumns:
@@ -125,11 +125,11 @@ def _flat_columns(model: type[BaseModel], prefix: str = "", about: str = "") -> 
     columns: TTableSchemaColumns = {}
     typed = pydantic_to_table_schema_columns(model)
     for name, field in model.model_fields.items():
-        if _list_element(field.annotation) is not None:
+        if list_element(field.annotation) is not None:
             continue  # a list table, not a column
         text = field.description or ""
         described = f"{about}{text[:1].lower()}{text[1:]}" if about else text
-        nested = _nested_model(field.annotation)
+        nested = nested_model(field.annotation)
         if nested is not None:
             columns.update(_flat_columns(nested, f"{prefix}{name}__", f"{described[:-1]}: "))
         elif name in typed and typed[name].get("data_type") not in (None, "json"):
@@ -161,7 +161,7 @@ def list_table_columns(enrichment_type: EnrichmentType, field: str) -> TTableSch
     """
     columns = _columns("key:text! job_id:text! idx:bigint!")
     info = PAYLOAD_MODELS[enrichment_type].model_fields[field]
-    model = _nested_model(_list_element(info.annotation))
+    model = nested_model(list_element(info.annotation))
     if model is not None:
         columns.update(_flat_columns(model))
     else:

@@ -1,0 +1,213 @@
+"""A job's matched payloads as arrow tables, built by arrow from the payloads at once.
+
+The common case's fast path. Row by row (:func:`apione_source.tables.enrichment_rows`,
+:class:`apione_source.tables.ListRows`, then a dict per row into arrow) a company result
+cost more Python than its HTTP and JSON together; arrow turns the payload dicts into one
+struct array in C++ and the flat columns and list tables are cut from it.
+
+Only for payloads of exactly the contract's shape: no field the model does not know, an
+object or a list where the model has one. Anything else (a field ApiOne added, a value of
+another type) makes :meth:`PayloadTables.build` answer None and the job goes the row way,
+which keeps it in new or variant columns: both ways give the same rows for the same
+payloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from apione_source.models import PAYLOAD_MODELS
+from apione_source.tables import TableNames, list_element, nested_model
+
+# A value that does not fit its type: the row way then decides what becomes of it.
+_MISFITS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError)
+
+
+@dataclass(frozen=True)
+class _Object:
+    """The fields an object of the contract may hold, and how arrow reads it.
+
+    Attributes:
+        type: The struct type arrow converts it with (timestamps and dates as text).
+        keys: Its fields that have a column or a list table.
+        nested: Field -> its shape, for the fields that are objects or lists.
+    """
+
+    type: pa.StructType
+    keys: frozenset[str]
+    nested: dict[str, _Object | _List]
+
+
+@dataclass(frozen=True)
+class _List:
+    """A list: of objects (``element``), or of scalars (``element`` None)."""
+
+    type: pa.ListType
+    element: _Object | None
+
+
+class PayloadTables:
+    """The enrichment and list tables of one enrichment type, from matched payloads."""
+
+    def __init__(self, names: TableNames, schemas: Mapping[str, pa.Schema]) -> None:
+        """Read the payload's shape from its model and the tables' arrow schemas.
+
+        Args:
+            names: The tables' names.
+            schemas: Table -> its arrow schema (:attr:`apione_source.output.Output.schemas`).
+        """
+        self._names = names
+        self._schemas = schemas
+        model = PAYLOAD_MODELS[names.enrichment_type]
+        self._shape = self._object(model, schemas[names.enrichment], "", names.lists)
+
+    def build(
+        self,
+        keys: Sequence[str],
+        payloads: Sequence[dict[str, Any] | None],
+        job_id: str,
+        enriched_at: datetime,
+    ) -> dict[str, pa.Table] | None:
+        """Table -> rows of ``payloads`` (the enrichment table, and list tables with rows).
+
+        Args:
+            keys: The key of each payload.
+            payloads: Matched results' ``data``, in the job's order.
+            job_id: The job they came from.
+            enriched_at: When they were collected.
+
+        Returns:
+            The tables, typed by the schemas; None when a payload is not of the
+            contract's shape, or a value does not fit its column.
+        """
+        datas = [p or {} for p in payloads]
+        if not all(_fits(d, self._shape) for d in datas):
+            return None
+        try:
+            payload = pa.array(datas, type=self._shape.type)
+            key = pa.array(keys, pa.string())
+            columns, lists = _columns(payload, self._shape, "")
+            schema = self._schemas[self._names.enrichment]
+            columns.update(
+                key=key,
+                job_id=_repeat(job_id, len(keys), pa.string()),
+                enriched_at=_repeat(enriched_at, len(keys), schema.field("enriched_at").type),
+            )
+            tables = {self._names.enrichment: _table(columns, schema)}
+            for field, (array, shape) in lists.items():
+                table = self._names.lists[field]
+                rows = _elements(array, shape, key, job_id, self._schemas[table])
+                if rows.num_rows:
+                    tables[table] = rows
+        except _MISFITS:
+            return None
+        return tables
+
+    def _object(
+        self, model: type[BaseModel], flat: pa.Schema, prefix: str, lists: Mapping[str, str]
+    ) -> _Object:
+        """The shape of ``model``, its values typed by the flat columns ``prefix...``."""
+        fields: list[pa.Field] = []
+        nested: dict[str, _Object | _List] = {}
+        for name, info in model.model_fields.items():
+            element = list_element(info.annotation)
+            inner = nested_model(info.annotation)
+            if element is not None and name in lists:
+                element_model = nested_model(element)
+                schema = self._schemas[lists[name]]
+                if element_model is None:
+                    of: _Object | None = None
+                    type_: pa.DataType = pa.list_(_as_read(schema.field("value").type))
+                else:
+                    of = self._object(element_model, schema, "", {})
+                    type_ = pa.list_(of.type)
+                nested[name] = _List(type_, of)
+            elif inner is not None and element is None:
+                shape = self._object(inner, flat, f"{prefix}{name}__", {})
+                nested[name] = shape
+                type_ = shape.type
+            elif flat.get_field_index(f"{prefix}{name}") >= 0:
+                type_ = _as_read(flat.field(f"{prefix}{name}").type)
+            else:
+                continue  # no column for it (an untyped field): such payloads go the row way
+            fields.append(pa.field(name, type_))
+        return _Object(pa.struct(fields), frozenset(f.name for f in fields), nested)
+
+
+def _fits(value: Any, shape: _Object) -> bool:
+    """True when ``value`` is an object of ``shape``: nothing unknown, nothing misplaced.
+
+    A null object or list, or a null element of a list of objects, does not fit: the row
+    way keeps it as a column of its own.
+    """
+    if type(value) is not dict or not shape.keys.issuperset(value):
+        return False
+    for name, inner in shape.nested.items():
+        if name not in value:
+            continue
+        item = value[name]
+        if isinstance(inner, _Object):
+            fits = _fits(item, inner)
+        else:
+            fits = type(item) is list and (
+                inner.element is None or all(_fits(v, inner.element) for v in item)
+            )
+        if not fits:
+            return False
+    return True
+
+
+def _columns(
+    array: pa.Array, shape: _Object, prefix: str
+) -> tuple[dict[str, pa.Array], dict[str, tuple[pa.Array, _List]]]:
+    """Flat columns of a struct ``array`` (``location__city``), and its lists by field."""
+    columns: dict[str, pa.Array] = {}
+    lists: dict[str, tuple[pa.Array, _List]] = {}
+    # flatten(): each child with its parent's nulls, as a missing object's fields are null
+    for field, child in zip(shape.type, array.flatten(), strict=True):
+        inner = shape.nested.get(field.name)
+        if isinstance(inner, _Object):
+            columns.update(_columns(child, inner, f"{prefix}{field.name}__")[0])
+        elif inner is not None:
+            lists[field.name] = (child, inner)
+        else:
+            columns[f"{prefix}{field.name}"] = child
+    return columns, lists
+
+
+def _elements(
+    lists: pa.Array, shape: _List, key: pa.Array, job_id: str, schema: pa.Schema
+) -> pa.Table:
+    """One row per element of ``lists``: its key, job, position and the element."""
+    values = lists.flatten()
+    parent = pc.list_parent_indices(lists)
+    starts = pc.subtract(lists.offsets, lists.offsets[0]).cast(pa.int64())
+    idx = pc.subtract(pa.array(range(len(values)), pa.int64()), starts.take(parent))
+    columns = {"value": values} if shape.element is None else _columns(values, shape.element, "")[0]
+    columns.update(key=key.take(parent), job_id=_repeat(job_id, len(values), pa.string()), idx=idx)
+    return _table(columns, schema)
+
+
+def _table(columns: dict[str, pa.Array], schema: pa.Schema) -> pa.Table:
+    """``columns`` in ``schema``'s order and types (text cast to timestamps and dates)."""
+    fields = [f for f in schema if f.name in columns]
+    arrays = [columns[f.name].cast(f.type) for f in fields]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _as_read(type_: pa.DataType) -> pa.DataType:
+    """How arrow reads a value of ``type_`` from JSON: timestamps and dates come as text."""
+    if pa.types.is_timestamp(type_) or pa.types.is_date(type_):
+        return pa.string()
+    return type_
+
+
+def _repeat(value: Any, n: int, type_: pa.DataType) -> pa.Array:
+    return pa.repeat(pa.scalar(value, type_), n)

@@ -1,0 +1,147 @@
+"""Matched payloads built by arrow at once (columnar.py): the same rows as row by row."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from apione_source.columnar import PayloadTables
+from apione_source.models import EnrichmentType, RecordResult, RecordStatus
+from apione_source.output import Output
+from apione_source.sandbox import data
+from apione_source.tables import ListRows, TableNames, enrichment_rows, table_columns
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+TYPES = {
+    EnrichmentType.COMPANY: (data.company, lambda i: {"domain": f"c{i}.example.com"}),
+    EnrichmentType.PEOPLE: (data.person, lambda i: {"email": f"jane.doe{i}@c{i}.example.com"}),
+    EnrichmentType.EMAIL: (data.email_check, lambda i: {"email": f"a.b{i}@c{i}.example.com"}),
+}
+
+
+def _payloads(etype: EnrichmentType, n: int = 40) -> list[dict[str, Any] | None]:
+    """Sandbox payloads, and the same with fields left out, nulls and empty lists."""
+    build, record = TYPES[etype]
+    payloads: list[dict[str, Any] | None] = [build(record(i)) for i in range(n)]
+    first = payloads[0]
+    assert first is not None
+    for i, (name, value) in enumerate(first.items()):
+        changed = copy.deepcopy(first)
+        if i % 2 or isinstance(value, (dict, list)):
+            del changed[name]  # left out (a null object or list goes the row way, below)
+        else:
+            changed[name] = None
+        payloads.append(changed)
+    names = TableNames("apione_", etype)
+    for name in names.lists:
+        payloads.append({**first, name: []})
+    payloads.append({})
+    payloads.append(None)
+    return payloads
+
+
+def _row_way(etype: EnrichmentType, payloads: list[dict[str, Any] | None]) -> dict[str, Any]:
+    names = TableNames("apione_", etype)
+    out = Output(table_columns(names), load_id="1")
+    rows, elements = [], {f: ListRows() for f in names.lists}
+    for i, payload in enumerate(payloads):
+        result = RecordResult(index=i, input={}, status=RecordStatus.MATCHED, data=payload)
+        row, lists = enrichment_rows(f"k{i}", "j1", NOW, result, names.lists, version_hash=False)
+        rows.append(row)
+        for name, values in lists.items():
+            elements[name].add(f"k{i}", "j1", values)
+    out.add(names.enrichment, rows)
+    for name, gathered in elements.items():
+        out.add_columns(names.lists[name], gathered.columns)
+        out.add(names.lists[name], gathered.rows)
+    return _rows(out)
+
+
+def _arrow_way(etype: EnrichmentType, payloads: list[dict[str, Any] | None]) -> dict[str, Any]:
+    names = TableNames("apione_", etype)
+    out = Output(table_columns(names), load_id="1")
+    keys = [f"k{i}" for i in range(len(payloads))]
+    tables = PayloadTables(names, out.schemas).build(keys, payloads, "j1", NOW)
+    assert tables is not None, "payloads of the contract's shape go the fast way"
+    for table, rows in tables.items():
+        out.add_table(table, rows)
+    return _rows(out)
+
+
+def _rows(out: Output) -> dict[str, Any]:
+    """Table -> its rows, as dicts of their non-null values (dlt's row ids apart)."""
+    tables = {}
+    for item in out.flush():
+        rows = item.data.drop_columns(["_dlt_id"]).to_pylist()
+        tables[item.meta.table_name] = [{k: v for k, v in r.items() if v is not None} for r in rows]
+    return tables
+
+
+@pytest.mark.parametrize("etype", list(EnrichmentType))
+def test_given_payloads_of_the_contract_then_both_ways_give_the_same_rows(
+    etype: EnrichmentType,
+) -> None:
+    payloads = _payloads(etype)
+
+    fast = _arrow_way(etype, payloads)
+
+    assert fast == _row_way(etype, payloads)
+    names = TableNames("apione_", etype)
+    assert len(fast[names.enrichment]) == len(payloads)  # a row even for an empty payload
+    for table in names.lists.values():
+        assert fast[table], f"{table} has the lists' elements"
+
+
+def _schemas(etype: EnrichmentType) -> dict[str, Any]:
+    return Output(table_columns(TableNames("apione_", etype)), load_id="1").schemas
+
+
+def _company(**changes: Any) -> dict[str, Any]:
+    payload = data.company({"domain": "a.example.com"})
+    for path, value in changes.items():
+        *parents, name = path.split("__")
+        target = payload
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
+    return payload
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _company(new_field=1),  # a field ApiOne added: a new column
+        _company(location__floor=3),  # the same inside an object
+        _company(location=None),  # a null object
+        _company(location="Berlin"),  # text where an object is
+        _company(tags=None),  # a null list
+        _company(tags="a, b"),  # text where a list is
+        _company(tags=["ok", {"odd": "element"}]),  # an object among text elements
+        _company(tags=["ok", 7]),  # a number among text elements
+        _company(employee_count="about 10"),  # text in a number column: a variant
+        _company(updated_at="last Tuesday"),  # text that is no timestamp
+        _company(updated_at=1704067200),  # a number for a timestamp
+    ],
+)
+def test_given_a_payload_off_the_contract_then_the_job_goes_the_row_way(
+    payload: dict[str, Any],
+) -> None:
+    names = TableNames("apione_", EnrichmentType.COMPANY)
+    good = data.company({"domain": "b.example.com"})
+    tables = PayloadTables(names, _schemas(EnrichmentType.COMPANY)).build(
+        ["a", "b"], [payload, good], "j1", NOW
+    )
+    assert tables is None
+
+
+def test_given_people_with_null_elements_in_their_history_then_the_row_way() -> None:
+    names = TableNames("apione_", EnrichmentType.PEOPLE)
+    payload = data.person({"email": "jane.doe@acme.example.com"})
+    payload["employment_history"] = [*payload["employment_history"], None]
+    tables = PayloadTables(names, _schemas(EnrichmentType.PEOPLE)).build(
+        ["a"], [payload], "j1", NOW
+    )
+    assert tables is None
