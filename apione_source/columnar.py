@@ -27,7 +27,14 @@ from apione_source.models import PAYLOAD_MODELS
 from apione_source.tables import TableNames, list_element, nested_model
 
 # A value that does not fit its type: the row way then decides what becomes of it.
-_MISFITS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError)
+_MISFITS = (
+    pa.ArrowInvalid,
+    pa.ArrowTypeError,
+    pa.ArrowNotImplementedError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,28 @@ class _Object:
         type: The struct type arrow converts it with (timestamps and dates as text).
         keys: Its fields that have a column or a list table.
         nested: Field -> its shape, for the fields that are objects or lists.
+        ints: Its fields of whole numbers (arrow would cut a float down to one, silently).
     """
 
     type: pa.StructType
     keys: frozenset[str]
     nested: dict[str, _Object | _List]
+    ints: frozenset[str]
 
 
 @dataclass(frozen=True)
 class _List:
-    """A list: of objects (``element``), or of scalars (``element`` None)."""
+    """A list: of objects (``element``), or of scalars (``element`` None).
+
+    Attributes:
+        type: Its arrow type.
+        element: The shape of its objects.
+        ints: True for a list of whole numbers.
+    """
 
     type: pa.ListType
     element: _Object | None
+    ints: bool
 
 
 class PayloadTables:
@@ -128,7 +144,7 @@ class PayloadTables:
                 else:
                     of = self._object(element_model, schema, "", {})
                     type_ = pa.list_(of.type)
-                nested[name] = _List(type_, of)
+                nested[name] = _List(type_, of, pa.types.is_integer(type_.value_type))
             elif inner is not None and element is None:
                 shape = self._object(inner, flat, f"{prefix}{name}__", {})
                 nested[name] = shape
@@ -138,30 +154,37 @@ class PayloadTables:
             else:
                 continue  # no column for it (an untyped field): such payloads go the row way
             fields.append(pa.field(name, type_))
-        return _Object(pa.struct(fields), frozenset(f.name for f in fields), nested)
+        ints = frozenset(f.name for f in fields if pa.types.is_integer(f.type))
+        return _Object(pa.struct(fields), frozenset(f.name for f in fields), nested, ints)
 
 
 def _fits(value: Any, shape: _Object) -> bool:
     """True when ``value`` is an object of ``shape``: nothing unknown, nothing misplaced.
 
     A null object or list, or a null element of a list of objects, does not fit: the row
-    way keeps it as a column of its own.
+    way keeps it as a column of its own. Nor does a fraction where whole numbers go: the
+    row way keeps it in a variant column.
     """
     if type(value) is not dict or not shape.keys.issuperset(value):
+        return False
+    if any(type(value.get(name)) is float for name in shape.ints):
         return False
     for name, inner in shape.nested.items():
         if name not in value:
             continue
         item = value[name]
-        if isinstance(inner, _Object):
-            fits = _fits(item, inner)
-        else:
-            fits = type(item) is list and (
-                inner.element is None or all(_fits(v, inner.element) for v in item)
-            )
+        fits = _fits(item, inner) if isinstance(inner, _Object) else _fits_list(item, inner)
         if not fits:
             return False
     return True
+
+
+def _fits_list(value: Any, shape: _List) -> bool:
+    if type(value) is not list:
+        return False
+    if shape.element is not None:
+        return all(_fits(v, shape.element) for v in value)
+    return not (shape.ints and any(type(v) is float for v in value))
 
 
 def _columns(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import dlt
@@ -64,6 +64,8 @@ class Output:
         try:
             if not set(columns) <= set(schema.names):
                 raise ValueError("columns the hints do not know")  # e.g. scalars for objects
+            if any(_alters(schema.field(name).type, values) for name, values in columns.items()):
+                raise ValueError("a value arrow would change to fit its column")
             piece = pa.Table.from_pydict(
                 columns, schema=pa.schema([schema.field(name) for name in columns])
             )
@@ -145,6 +147,8 @@ class Output:
         for field in schema:
             if field.name not in present:
                 continue
+            if _alters(field.type, (r.get(field.name) for r in rows)):
+                raise ValueError("a value arrow would change to fit its column")
             if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
                 first = next((r[field.name] for r in rows if r.get(field.name) is not None), None)
                 if isinstance(first, str):
@@ -193,26 +197,48 @@ def _row_ids(n: int) -> pa.Array:
 
 def _typed(values: list[Any], type_: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
     """``values`` as ``type_``, converting text (ISO timestamps, say); misfits apart."""
-    try:
-        return pa.array(values, type=type_), None
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-        pass
-    try:
-        return pa.array(values).cast(type_), None  # e.g. "2024-02-03T16:02:18Z"
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        pass
+    if not _alters(type_, values):
+        try:
+            return pa.array(values, type=type_), None
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            pass
+    # a cast checks what it cuts (2.0 fits a whole number, 2.5 does not), but reads a
+    # number as a time
+    temporal = pa.types.is_timestamp(type_) or pa.types.is_date(type_)
+    if not (temporal and _alters(type_, values)):
+        try:
+            return pa.array(values).cast(type_), None  # e.g. "2024-02-03T16:02:18Z"
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            pass
     fits: list[Any] = []
     misfits: list[str | None] = []
     for value in values:
         try:
+            if temporal and _alters(type_, [value]):
+                raise pa.ArrowInvalid("a number for a time")
             # each value as the column's type already: mixed ones (7 among text) then fit
             fits.append(pa.array([value]).cast(type_)[0].as_py())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             fits.append(None)
             misfits.append(value if isinstance(value, str) else json.dumps(value, default=str))
         else:
             misfits.append(None)
     return pa.array(fits, type=type_), pa.array(misfits, type=pa.string())
+
+
+def _alters(type_: pa.DataType, values: Iterable[Any]) -> bool:
+    """True when arrow would silently change one of ``values`` to make it fit ``type_``.
+
+    ``pa.array([2.5], pa.int64())`` is ``[2]``, and a number for a timestamp or a date is
+    read as a count of its units since 1970. A cast from text or a float checks instead.
+    """
+    if pa.types.is_integer(type_):
+        altered: tuple[type, ...] = (float,)
+    elif pa.types.is_timestamp(type_) or pa.types.is_date(type_):
+        altered = (int, float)
+    else:
+        return False
+    return any(type(v) in altered for v in values)
 
 
 def _json_text(value: Any) -> Any:

@@ -124,6 +124,8 @@ def _company(**changes: Any) -> dict[str, Any]:
         _company(employee_count="about 10"),  # text in a number column: a variant
         _company(updated_at="last Tuesday"),  # text that is no timestamp
         _company(updated_at=1704067200),  # a number for a timestamp
+        _company(founded_year=1999.5),  # a fraction arrow would cut to 1999
+        _company(employee_count=2**63),  # beyond a 64-bit integer
     ],
 )
 def test_given_a_payload_off_the_contract_then_the_job_goes_the_row_way(

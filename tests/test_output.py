@@ -63,6 +63,37 @@ def test_given_a_value_of_the_wrong_type_when_converted_then_it_is_kept_in_a_var
     assert table.column("employee_count__v_text").to_pylist() == ["about 10", None]
 
 
+def test_given_fractions_or_huge_numbers_in_a_number_column_then_kept_in_a_variant() -> None:
+    rows = [
+        {"key": k, "job_id": "j", "enriched_at": NOW, "employee_count": v}
+        for k, v in (("a.io", 12.5), ("b.io", 7.0), ("c.io", 2**64), ("d.io", 3))
+    ]
+    table = _output(COMPANY).to_arrow(COMPANY.enrichment, rows)
+    # arrow alone would make 12.5 a 12, silently, and fail on 2**64
+    assert table.column("employee_count").to_pylist() == [None, 7, None, 3]
+    assert table.column("employee_count__v_text").to_pylist() == [
+        "12.5",
+        None,
+        str(2**64),
+        None,
+    ]
+
+
+def test_given_a_number_for_a_timestamp_then_kept_in_a_variant_not_read_as_1970() -> None:
+    rows = [
+        {"key": k, "job_id": "j", "enriched_at": NOW, "updated_at": v}
+        for k, v in (("a.io", 1704067200), ("b.io", "2024-02-03T16:02:18Z"))
+    ]
+    table = _output(COMPANY).to_arrow(COMPANY.enrichment, rows)
+    assert table.column("updated_at").to_pylist() == [
+        None,
+        datetime(2024, 2, 3, 16, 2, 18, tzinfo=timezone.utc),
+    ]
+    assert table.column("updated_at__v_text").to_pylist() == ["1704067200", None]
+    only_numbers = _output(COMPANY).to_arrow(COMPANY.enrichment, rows[:1])
+    assert only_numbers.column("updated_at").to_pylist() == [None]
+
+
 def test_given_unknown_fields_and_objects_in_text_columns_then_nothing_is_dropped() -> None:
     out = _output(COMPANY)
     table = out.to_arrow(
