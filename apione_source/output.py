@@ -27,6 +27,10 @@ from dlt.common.schema.typing import TTableSchemaColumns
 
 _CAPS = DestinationCapabilitiesContext.generic_capabilities()
 
+#: What arrow raises for a value that does not fit its type (ArrowInvalid is a ValueError,
+#: ArrowTypeError a TypeError); the rows then go the careful way.
+MISFITS = (TypeError, ValueError, OverflowError, pa.ArrowNotImplementedError)
+
 
 class Output:
     """Rows per table, yielded to dlt as typed arrow tables."""
@@ -69,7 +73,7 @@ class Output:
             piece = pa.Table.from_pydict(
                 columns, schema=pa.schema([schema.field(name) for name in columns])
             )
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        except MISFITS:
             # a value or a column that does not fit: the rows go the careful way
             rows = zip(*columns.values(), strict=True)
             self.add(table, [dict(zip(columns, row, strict=True)) for row in rows])
@@ -109,14 +113,14 @@ class Output:
         """``rows`` as one arrow table: hinted columns typed, other columns inferred.
 
         A value that does not fit its hinted type (text in a number column, say) goes to
-        a ``<column>__v_text`` variant column instead, as dlt itself would do it.
+        a ``<column>__v_text`` variant column instead (named as dlt names its variants).
         """
         return self._with_dlt_columns(self._table(table, rows))
 
     def _table(self, table: str, rows: list[dict[str, Any]]) -> pa.Table:
         try:
             return self._fast(table, rows)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        except MISFITS:
             return self._careful(table, rows)
 
     def _with_dlt_columns(self, data: pa.Table) -> pa.Table:
@@ -149,7 +153,7 @@ class Output:
                 continue
             if _alters(field.type, (r.get(field.name) for r in rows)):
                 raise ValueError("a value arrow would change to fit its column")
-            if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
+            if temporal(field.type):
                 first = next((r[field.name] for r in rows if r.get(field.name) is not None), None)
                 if isinstance(first, str):
                     cast.append(field)
@@ -196,29 +200,34 @@ def _row_ids(n: int) -> pa.Array:
 
 
 def _typed(values: list[Any], type_: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
-    """``values`` as ``type_``, converting text (ISO timestamps, say); misfits apart."""
+    """``values`` as ``type_``, converting text (ISO timestamps, say); misfits apart.
+
+    Returns:
+        The values that fit (null where one does not), and the text of those that do not
+        (None when all fit): the ``<column>__v_text`` variant.
+    """
     if not _alters(type_, values):
         try:
             return pa.array(values, type=type_), None
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        except MISFITS:
             pass
-    # a cast checks what it cuts (2.0 fits a whole number, 2.5 does not), but reads a
-    # number as a time
-    temporal = pa.types.is_timestamp(type_) or pa.types.is_date(type_)
-    if not (temporal and _alters(type_, values)):
+    # A cast checks what it cuts (2.0 fits a whole number, 2.5 does not), but would turn
+    # other values into something else: those do not fit, whatever a cast makes of them.
+    recast = _recast(type_)
+    if recast.isdisjoint(map(type, values)):
         try:
             return pa.array(values).cast(type_), None  # e.g. "2024-02-03T16:02:18Z"
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        except MISFITS:
             pass
     fits: list[Any] = []
     misfits: list[str | None] = []
     for value in values:
         try:
-            if temporal and _alters(type_, [value]):
-                raise pa.ArrowInvalid("a number for a time")
+            if type(value) in recast:
+                raise ValueError(f"a cast would change {value!r}")
             # each value as the column's type already: mixed ones (7 among text) then fit
             fits.append(pa.array([value]).cast(type_)[0].as_py())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        except MISFITS:
             fits.append(None)
             misfits.append(value if isinstance(value, str) else json.dumps(value, default=str))
         else:
@@ -226,19 +235,37 @@ def _typed(values: list[Any], type_: pa.DataType) -> tuple[pa.Array, pa.Array | 
     return pa.array(fits, type=type_), pa.array(misfits, type=pa.string())
 
 
+def temporal(type_: pa.DataType) -> bool:
+    """True for a timestamp or a date type (which ApiOne sends as ISO text)."""
+    return bool(pa.types.is_timestamp(type_) or pa.types.is_date(type_))
+
+
 def _alters(type_: pa.DataType, values: Iterable[Any]) -> bool:
-    """True when arrow would silently change one of ``values`` to make it fit ``type_``.
+    """True when arrow would silently change one of ``values`` to convert it to ``type_``.
 
     ``pa.array([2.5], pa.int64())`` is ``[2]``, and a number for a timestamp or a date is
-    read as a count of its units since 1970. A cast from text or a float checks instead.
+    read as a count of its units since 1970.
     """
+    altered: frozenset[type]
     if pa.types.is_integer(type_):
-        altered: tuple[type, ...] = (float,)
-    elif pa.types.is_timestamp(type_) or pa.types.is_date(type_):
-        altered = (int, float)
+        altered = frozenset({float})
+    elif temporal(type_):
+        altered = frozenset({int, float})
     else:
         return False
-    return any(type(v) in altered for v in values)
+    return not altered.isdisjoint(map(type, values))
+
+
+def _recast(type_: pa.DataType) -> frozenset[type]:
+    """The Python types a cast to ``type_`` would turn into other values.
+
+    True into 1, 1 into True, a number into a time since 1970.
+    """
+    if pa.types.is_integer(type_):
+        return frozenset({bool})
+    if pa.types.is_boolean(type_) or temporal(type_):
+        return frozenset({int, float})
+    return frozenset()
 
 
 def _json_text(value: Any) -> Any:
@@ -249,7 +276,7 @@ def _infer(values: list[Any]) -> pa.Array:
     """An arrow array of values of a column no hint types; JSON text if they are mixed."""
     try:
         array = pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    except MISFITS:  # mixed types, or an integer beyond 64 bits
         array = None
     if array is None or (pa.types.is_null(array.type) and any(v is not None for v in values)):
         return pa.array([None if v is None else json.dumps(v, default=str) for v in values])

@@ -48,7 +48,6 @@ from dlt.common.schema.utils import has_table_seen_data
 
 from apione_source import ledger
 from apione_source.client import AsyncApiOneClient
-from apione_source.columnar import PayloadTables
 from apione_source.deliveries import DeliveryInbox
 from apione_source.errors import ConcurrentRunError
 from apione_source.history import (
@@ -74,6 +73,7 @@ from apione_source.journal import (
 from apione_source.models import EnrichmentType, RecordResult
 from apione_source.normalize import Normalized, normalize_record
 from apione_source.output import Output
+from apione_source.payloads import PayloadTables
 from apione_source.reader import (
     Freshness,
     InputReader,
@@ -86,9 +86,7 @@ from apione_source.settle import appended_tables, appends, renewed_tables, settl
 from apione_source.tables import (
     FINAL_STATUSES,
     MERGE,
-    ListRows,
     TableNames,
-    enrichment_rows,
     table_columns,
     utc_from_timestamp,
 )
@@ -327,7 +325,7 @@ class EnrichmentRun:
         self.wrote_outcomes = False
         self.rejected_before: set[str] = set()
         self.out = Output(table_columns(settings.names), load_id="")
-        self.payloads = PayloadTables(settings.names, self.out.schemas)
+        self.payload_tables = PayloadTables(settings.names, self.out)
         # Results per load package; None: the whole run is one package (pipeline.run).
         self.records_per_load: int | None = None
         self.loads: set[str] = set()  # this run's load packages
@@ -1149,7 +1147,8 @@ class EnrichmentRun:
         self.collected_in_slice += len(entry.items)
         self.joins.pop(entry.entry_id, None)  # its joined rows are in these outcomes
         if enriched:
-            yield from self._emit_enriched(job_id, now, enriched)
+            self.payload_tables.add(enriched, job_id, now, version_hash=self.s.scd2)
+            yield from self.out.ready()
         if outcomes:
             yield from self._emit(self.s.names.outcomes, outcomes)
             self.wrote_outcomes = True
@@ -1163,41 +1162,6 @@ class EnrichmentRun:
             ],
         )
         entry.items = []  # in the rows above now: memory stays flat over a long run
-
-    def _emit_enriched(
-        self, job_id: str, now: datetime, enriched: list[tuple[str, RecordResult]]
-    ) -> Iterator[Any]:
-        """The enrichment and list-table rows of a job's matched results.
-
-        Built by arrow at once where the payloads have the contract's shape (and no SCD2
-        version hash is wanted), else row by row.
-        """
-        names = self.s.names
-        tables = (
-            None
-            if self.s.scd2
-            else self.payloads.build(
-                [key for key, _ in enriched], [r.data for _, r in enriched], job_id, now
-            )
-        )
-        if tables is not None:
-            for table, data in tables.items():
-                self.out.add_table(table, data)
-            yield from self.out.ready()
-            return
-        rows: list[dict[str, Any]] = []
-        elements = {f: ListRows() for f in names.lists}
-        for key, result in enriched:
-            row, lists = enrichment_rows(
-                key, job_id, now, result, names.lists, version_hash=self.s.scd2
-            )
-            rows.append(row)
-            for name, values in lists.items():
-                elements[name].add(key, job_id, values)
-        yield from self._emit(names.enrichment, rows)
-        for name, gathered in elements.items():
-            self.out.add_columns(names.lists[name], gathered.columns)
-            yield from self._emit(names.lists[name], gathered.rows)
 
     def _match(
         self, items: list[BatchItem], results: list[RecordResult]

@@ -13,6 +13,7 @@ from apione_source.tables import ListRows, TableNames, enrichment_rows, table_co
 
 COMPANY = TableNames("apione_", EnrichmentType.COMPANY)
 PEOPLE = TableNames("apione_", EnrichmentType.PEOPLE)
+EMAIL = TableNames("apione_", EnrichmentType.EMAIL)
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
@@ -63,20 +64,31 @@ def test_given_a_value_of_the_wrong_type_when_converted_then_it_is_kept_in_a_var
     assert table.column("employee_count__v_text").to_pylist() == ["about 10", None]
 
 
-def test_given_fractions_or_huge_numbers_in_a_number_column_then_kept_in_a_variant() -> None:
+def test_given_fractions_huge_numbers_or_bools_for_numbers_then_kept_in_a_variant() -> None:
     rows = [
         {"key": k, "job_id": "j", "enriched_at": NOW, "employee_count": v}
-        for k, v in (("a.io", 12.5), ("b.io", 7.0), ("c.io", 2**64), ("d.io", 3))
+        for k, v in (("a.io", 12.5), ("b.io", 7.0), ("c.io", 2**64), ("d.io", 3), ("e.io", True))
     ]
     table = _output(COMPANY).to_arrow(COMPANY.enrichment, rows)
-    # arrow alone would make 12.5 a 12, silently, and fail on 2**64
-    assert table.column("employee_count").to_pylist() == [None, 7, None, 3]
+    # arrow alone would make 12.5 a 12 and True a 1, silently, and fail on 2**64
+    assert table.column("employee_count").to_pylist() == [None, 7, None, 3, None]
     assert table.column("employee_count__v_text").to_pylist() == [
         "12.5",
         None,
         str(2**64),
         None,
+        "true",
     ]
+
+
+def test_given_a_number_for_a_yes_or_no_then_kept_in_a_variant() -> None:
+    rows = [
+        {"key": k, "job_id": "j", "enriched_at": NOW, "mx_found": v}
+        for k, v in (("a@b.io", 2), ("c@d.io", True), ("e@f.io", 0.5))
+    ]
+    table = _output(EMAIL).to_arrow(EMAIL.enrichment, rows)
+    assert table.column("mx_found").to_pylist() == [None, True, None]  # a cast: True, True
+    assert table.column("mx_found__v_text").to_pylist() == ["2", None, "0.5"]
 
 
 def test_given_a_number_for_a_timestamp_then_kept_in_a_variant_not_read_as_1970() -> None:

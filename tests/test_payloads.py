@@ -1,4 +1,4 @@
-"""Matched payloads built by arrow at once (columnar.py): the same rows as row by row."""
+"""Matched payloads built by arrow at once (payloads.py): the same rows as row by row."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from apione_source.columnar import PayloadTables
 from apione_source.models import EnrichmentType, RecordResult, RecordStatus
 from apione_source.output import Output
+from apione_source.payloads import PayloadTables
 from apione_source.sandbox import data
-from apione_source.tables import ListRows, TableNames, enrichment_rows, table_columns
+from apione_source.tables import TableNames, table_columns
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 TYPES = {
@@ -44,31 +44,37 @@ def _payloads(etype: EnrichmentType, n: int = 40) -> list[dict[str, Any] | None]
 
 
 def _row_way(etype: EnrichmentType, payloads: list[dict[str, Any] | None]) -> dict[str, Any]:
-    names = TableNames("apione_", etype)
-    out = Output(table_columns(names), load_id="1")
-    rows, elements = [], {f: ListRows() for f in names.lists}
-    for i, payload in enumerate(payloads):
-        result = RecordResult(index=i, input={}, status=RecordStatus.MATCHED, data=payload)
-        row, lists = enrichment_rows(f"k{i}", "j1", NOW, result, names.lists, version_hash=False)
-        rows.append(row)
-        for name, values in lists.items():
-            elements[name].add(f"k{i}", "j1", values)
-    out.add(names.enrichment, rows)
-    for name, gathered in elements.items():
-        out.add_columns(names.lists[name], gathered.columns)
-        out.add(names.lists[name], gathered.rows)
-    return _rows(out)
+    """The rows as SCD2 writes them (row by row, for its version hash), the hash apart."""
+    tables = _added(etype, payloads, version_hash=True)
+    for row in tables[TableNames("apione_", etype).enrichment]:
+        del row["data_hash"]
+    return tables
 
 
 def _arrow_way(etype: EnrichmentType, payloads: list[dict[str, Any] | None]) -> dict[str, Any]:
     names = TableNames("apione_", etype)
-    out = Output(table_columns(names), load_id="1")
     keys = [f"k{i}" for i in range(len(payloads))]
-    tables = PayloadTables(names, out.schemas).build(keys, payloads, "j1", NOW)
+    tables = PayloadTables(names, _output(etype)).build(keys, payloads, "j1", NOW)
     assert tables is not None, "payloads of the contract's shape go the fast way"
-    for table, rows in tables.items():
-        out.add_table(table, rows)
+    return _added(etype, payloads, version_hash=False)
+
+
+def _added(
+    etype: EnrichmentType, payloads: list[dict[str, Any] | None], *, version_hash: bool
+) -> dict[str, Any]:
+    out = _output(etype)
+    results = [
+        (f"k{i}", RecordResult(index=i, input={}, status=RecordStatus.MATCHED, data=p))
+        for i, p in enumerate(payloads)
+    ]
+    PayloadTables(TableNames("apione_", etype), out).add(
+        results, "j1", NOW, version_hash=version_hash
+    )
     return _rows(out)
+
+
+def _output(etype: EnrichmentType) -> Output:
+    return Output(table_columns(TableNames("apione_", etype)), load_id="1")
 
 
 def _rows(out: Output) -> dict[str, Any]:
@@ -93,10 +99,6 @@ def test_given_payloads_of_the_contract_then_both_ways_give_the_same_rows(
     assert len(fast[names.enrichment]) == len(payloads)  # a row even for an empty payload
     for table in names.lists.values():
         assert fast[table], f"{table} has the lists' elements"
-
-
-def _schemas(etype: EnrichmentType) -> dict[str, Any]:
-    return Output(table_columns(TableNames("apione_", etype)), load_id="1").schemas
 
 
 def _company(**changes: Any) -> dict[str, Any]:
@@ -133,17 +135,20 @@ def test_given_a_payload_off_the_contract_then_the_job_goes_the_row_way(
 ) -> None:
     names = TableNames("apione_", EnrichmentType.COMPANY)
     good = data.company({"domain": "b.example.com"})
-    tables = PayloadTables(names, _schemas(EnrichmentType.COMPANY)).build(
+    tables = PayloadTables(names, _output(EnrichmentType.COMPANY)).build(
         ["a", "b"], [payload, good], "j1", NOW
     )
     assert tables is None
+
+    rows = _added(EnrichmentType.COMPANY, [payload, good], version_hash=False)
+
+    assert rows == _row_way(EnrichmentType.COMPANY, [payload, good])
+    assert len(rows[names.enrichment]) == 2  # the row way keeps both, odd values and all
 
 
 def test_given_people_with_null_elements_in_their_history_then_the_row_way() -> None:
     names = TableNames("apione_", EnrichmentType.PEOPLE)
     payload = data.person({"email": "jane.doe@acme.example.com"})
     payload["employment_history"] = [*payload["employment_history"], None]
-    tables = PayloadTables(names, _schemas(EnrichmentType.PEOPLE)).build(
-        ["a"], [payload], "j1", NOW
-    )
+    tables = PayloadTables(names, _output(EnrichmentType.PEOPLE)).build(["a"], [payload], "j1", NOW)
     assert tables is None

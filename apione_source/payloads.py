@@ -1,14 +1,12 @@
-"""A job's matched payloads as arrow tables, built by arrow from the payloads at once.
+"""A job's matched payloads into the enrichment table and its list tables.
 
-The common case's fast path. Row by row (:func:`apione_source.tables.enrichment_rows`,
-:class:`apione_source.tables.ListRows`, then a dict per row into arrow) a company result
-cost more Python than its HTTP and JSON together; arrow turns the payload dicts into one
-struct array in C++ and the flat columns and list tables are cut from it.
-
-Only for payloads of exactly the contract's shape: no field the model does not know, an
-object or a list where the model has one. Anything else (a field ApiOne added, a value of
-another type) makes :meth:`PayloadTables.build` answer None and the job goes the row way,
-which keeps it in new or variant columns: both ways give the same rows for the same
+Where the payloads have exactly the contract's shape (no field the model does not know, an
+object or a list where the model has one, no value arrow would change to fit), arrow turns
+them into one struct array at once and the flat columns and list tables are cut from it:
+row by row (:func:`apione_source.tables.enrichment_rows`, then a dict per row into
+arrow) a company result cost more Python than its HTTP and JSON together. Anything else
+(a field ApiOne added, a value of another type), and SCD2's version hash, goes row by
+row, which keeps it in new or variant columns. Both ways give the same rows for the same
 payloads.
 """
 
@@ -23,18 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from apione_source.models import PAYLOAD_MODELS
-from apione_source.tables import TableNames, list_element, nested_model
-
-# A value that does not fit its type: the row way then decides what becomes of it.
-_MISFITS = (
-    pa.ArrowInvalid,
-    pa.ArrowTypeError,
-    pa.ArrowNotImplementedError,
-    TypeError,
-    ValueError,
-    OverflowError,
-)
+from apione_source.models import PAYLOAD_MODELS, RecordResult
+from apione_source.output import MISFITS, Output, temporal
+from apione_source.tables import ListRows, TableNames, enrichment_rows, list_element, nested_model
 
 
 @dataclass(frozen=True)
@@ -50,39 +39,73 @@ class _Object:
 
     type: pa.StructType
     keys: frozenset[str]
-    nested: dict[str, _Object | _List]
+    nested: Mapping[str, _Object | _List]
     ints: frozenset[str]
 
 
 @dataclass(frozen=True)
 class _List:
-    """A list: of objects (``element``), or of scalars (``element`` None).
-
-    Attributes:
-        type: Its arrow type.
-        element: The shape of its objects.
-        ints: True for a list of whole numbers.
-    """
+    """A list: of objects (``element``), or of scalars (``element`` None: text)."""
 
     type: pa.ListType
     element: _Object | None
-    ints: bool
 
 
 class PayloadTables:
-    """The enrichment and list tables of one enrichment type, from matched payloads."""
+    """The enrichment and list-table rows of matched payloads, buffered in an Output."""
 
-    def __init__(self, names: TableNames, schemas: Mapping[str, pa.Schema]) -> None:
+    def __init__(self, names: TableNames, out: Output) -> None:
         """Read the payload's shape from its model and the tables' arrow schemas.
 
         Args:
             names: The tables' names.
-            schemas: Table -> its arrow schema (:attr:`apione_source.output.Output.schemas`).
+            out: Where the rows go (its :attr:`~apione_source.output.Output.schemas` type
+                them).
         """
         self._names = names
-        self._schemas = schemas
+        self._out = out
+        self._schemas = out.schemas
         model = PAYLOAD_MODELS[names.enrichment_type]
-        self._shape = self._object(model, schemas[names.enrichment], "", names.lists)
+        self._shape = self._object(model, self._schemas[names.enrichment], "", names.lists)
+
+    def add(
+        self,
+        enriched: Sequence[tuple[str, RecordResult]],
+        job_id: str,
+        enriched_at: datetime,
+        *,
+        version_hash: bool,
+    ) -> None:
+        """Buffer the rows of a job's matched results: by arrow at once, or row by row.
+
+        Args:
+            enriched: Each matched result with its key, in the job's order.
+            job_id: The job they came from.
+            enriched_at: When they were collected.
+            version_hash: Add ``data_hash``, the row version SCD2 compares (row by row).
+        """
+        names, out = self._names, self._out
+        tables = None
+        if not version_hash:
+            keys = [key for key, _ in enriched]
+            tables = self.build(keys, [r.data for _, r in enriched], job_id, enriched_at)
+        if tables is not None:
+            for table, data in tables.items():
+                out.add_table(table, data)
+            return
+        rows: list[dict[str, Any]] = []
+        elements = {f: ListRows() for f in names.lists}
+        for key, result in enriched:
+            row, lists = enrichment_rows(
+                key, job_id, enriched_at, result, names.lists, version_hash=version_hash
+            )
+            rows.append(row)
+            for name, values in lists.items():
+                elements[name].add(key, job_id, values)
+        out.add(names.enrichment, rows)
+        for name, gathered in elements.items():
+            out.add_columns(names.lists[name], gathered.columns)
+            out.add(names.lists[name], gathered.rows)
 
     def build(
         self,
@@ -122,7 +145,7 @@ class PayloadTables:
                 rows = _elements(array, shape, key, job_id, self._schemas[table])
                 if rows.num_rows:
                     tables[table] = rows
-        except _MISFITS:
+        except MISFITS:
             return None
         return tables
 
@@ -144,7 +167,7 @@ class PayloadTables:
                 else:
                     of = self._object(element_model, schema, "", {})
                     type_ = pa.list_(of.type)
-                nested[name] = _List(type_, of, pa.types.is_integer(type_.value_type))
+                nested[name] = _List(type_, of)
             elif inner is not None and element is None:
                 shape = self._object(inner, flat, f"{prefix}{name}__", {})
                 nested[name] = shape
@@ -167,7 +190,7 @@ def _fits(value: Any, shape: _Object) -> bool:
     """
     if type(value) is not dict or not shape.keys.issuperset(value):
         return False
-    if any(type(value.get(name)) is float for name in shape.ints):
+    if float in map(type, map(value.get, shape.ints)):
         return False
     for name, inner in shape.nested.items():
         if name not in value:
@@ -180,11 +203,10 @@ def _fits(value: Any, shape: _Object) -> bool:
 
 
 def _fits_list(value: Any, shape: _List) -> bool:
+    """True when ``value`` is a list of ``shape`` (its objects each fit)."""
     if type(value) is not list:
         return False
-    if shape.element is not None:
-        return all(_fits(v, shape.element) for v in value)
-    return not (shape.ints and any(type(v) is float for v in value))
+    return shape.element is None or all(_fits(v, shape.element) for v in value)
 
 
 def _columns(
@@ -227,10 +249,9 @@ def _table(columns: dict[str, pa.Array], schema: pa.Schema) -> pa.Table:
 
 def _as_read(type_: pa.DataType) -> pa.DataType:
     """How arrow reads a value of ``type_`` from JSON: timestamps and dates come as text."""
-    if pa.types.is_timestamp(type_) or pa.types.is_date(type_):
-        return pa.string()
-    return type_
+    return pa.string() if temporal(type_) else type_
 
 
 def _repeat(value: Any, n: int, type_: pa.DataType) -> pa.Array:
+    """``value`` ``n`` times (the job, the time of a job's rows)."""
     return pa.repeat(pa.scalar(value, type_), n)
