@@ -64,9 +64,8 @@ class PayloadTables:
         """
         self._names = names
         self._out = out
-        self._schemas = out.schemas
         model = PAYLOAD_MODELS[names.enrichment_type]
-        self._shape = self._object(model, self._schemas[names.enrichment], "", names.lists)
+        self._shape = self._object(model, out.schemas[names.enrichment], "", names.lists)
 
     def add(
         self,
@@ -133,7 +132,7 @@ class PayloadTables:
             payload = pa.array(datas, type=self._shape.type)
             key = pa.array(keys, pa.string())
             columns, lists = _columns(payload, self._shape, "")
-            schema = self._schemas[self._names.enrichment]
+            schema = self._out.schemas[self._names.enrichment]
             columns.update(
                 key=key,
                 job_id=_repeat(job_id, len(keys), pa.string()),
@@ -142,7 +141,7 @@ class PayloadTables:
             tables = {self._names.enrichment: _table(columns, schema)}
             for field, (array, shape) in lists.items():
                 table = self._names.lists[field]
-                rows = _elements(array, shape, key, job_id, self._schemas[table])
+                rows = _elements(array, shape, key, job_id, self._out.schemas[table])
                 if rows.num_rows:
                     tables[table] = rows
         except MISFITS:
@@ -160,7 +159,7 @@ class PayloadTables:
             inner = nested_model(info.annotation)
             if element is not None and name in lists:
                 element_model = nested_model(element)
-                schema = self._schemas[lists[name]]
+                schema = self._out.schemas[lists[name]]
                 if element_model is None:
                     of: _Object | None = None
                     type_: pa.DataType = pa.list_(_as_read(schema.field("value").type))

@@ -136,6 +136,12 @@ def test_given_unknown_fields_and_objects_in_text_columns_then_nothing_is_droppe
     assert table.column("new_field").to_pylist() == ["3", '"x"']  # mixed types: JSON text
 
 
+def test_given_an_integer_beyond_64_bits_in_an_unknown_field_then_kept_as_text() -> None:
+    rows = [{"job_id": "j1", "status": "completed", "new_count": 2**64}]
+    table = _output(COMPANY).to_arrow(COMPANY.jobs, rows)  # arrow alone: OverflowError
+    assert table.column("new_count").to_pylist() == [str(2**64)]
+
+
 def test_given_rows_over_the_flush_size_then_only_full_tables_are_handed_over() -> None:
     out = _output(COMPANY)
     rows = [{"job_id": f"j{i}", "status": "completed"} for i in range(4)]
